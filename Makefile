@@ -1,0 +1,35 @@
+# esam_ros: `make install` then `make test` (both safe to re-run).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTHON ?= python3.11
+
+.PHONY: install test lint bench demo weights clean
+
+install:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt -r requirements-ros.txt -r requirements-dev.txt
+	$(PIP) install -q --no-deps -e .
+	scripts/build_msgs.sh $(VENV)
+	$(PY) -c "import esam_core, esam_ros; from esam_ros.msg import Entity, EntityArray; print('esam_ros installed')"
+
+lint:
+	$(VENV)/bin/ruff check .
+
+test: lint
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+
+bench:
+	$(VENV)/bin/esam bench --config config/test_tiny.yaml
+
+demo:
+	$(VENV)/bin/esam replay data/spot_raw_mcap --config config/esam.yaml --out out/demo_bag --report out/demo_report.json
+
+# Fetch an official SAM checkpoint (not part of install): make weights MODEL=vit_b
+MODEL ?= vit_h
+weights:
+	$(VENV)/bin/esam download-weights $(MODEL) --dir weights
+
+clean:
+	rm -rf build install log esam_ros/msg esam_ros/esam_ros_s__*.so

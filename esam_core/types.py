@@ -1,0 +1,99 @@
+"""Data types shared by the E-SAM modules: backend outputs and the segmentation result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Decoded:
+    """SAM's multimask answer to N point prompts, at the backend's low resolution.
+
+    Attributes:
+        points: (N, 2) float64, the prompts as (x, y) in original-image pixels.
+        logits: (N, 3, h, w) float32 on the backend device; the 3 multimask outputs, cropped to the
+            valid (unpadded) low-resolution region ``backend.lowres_hw``. Mask = logits > 0.
+        iou: (N, 3) float32, SAM's predicted IoU per output.
+        stability: (N, 3) float32, SAM's stability score per output.
+    """
+
+    points: np.ndarray
+    logits: torch.Tensor
+    iou: torch.Tensor
+    stability: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+
+class PromptBackend(Protocol):
+    """What the E-SAM algorithm needs from a promptable segmenter (SAM, or a test scene).
+
+    Call ``set_image`` once per frame; every other call refers to that image.
+    """
+
+    device: torch.device
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        """Encode an (H, W, 3) uint8 RGB image (the only expensive call per frame)."""
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(H, W) of the image given to ``set_image``."""
+
+    @property
+    def lowres_hw(self) -> tuple[int, int]:
+        """(h, w) of the valid low-resolution mask region, the algorithm's working grid."""
+
+    def decode_points(self, points_xy: np.ndarray) -> Decoded:
+        """Decode N single positive point prompts ((N, 2) float, image pixels) in batches."""
+
+    def sample_features(self, points_xy: np.ndarray) -> torch.Tensor:
+        """(K, C) float32 image-encoder features at K image-pixel positions, L2-normalised."""
+
+    def upsample_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(M, h, w) low-res logits -> (M, H, W) float32 logits at the original image size."""
+
+
+@dataclass
+class Entity:
+    """One entity of a label map. ``id`` is its pixel value in ``EntitySegmentation.label_map``."""
+
+    id: int
+    score: float
+    area: int
+    bbox: tuple[int, int, int, int]  # x, y, width, height (pixels)
+    centroid: tuple[float, float]  # x, y (pixels)
+
+
+@dataclass
+class EntitySegmentation:
+    """Result of ``EntitySegmenter.segment``.
+
+    Attributes:
+        label_map: (H, W) uint16 (uint32 if more than 65535 entities); 0 = unlabeled, entities
+            are 1..N, no overlap by construction.
+        entities: sorted by descending score; ``entities[i].id == i + 1``.
+        timings: seconds per stage (``encoder``, ``decode_main``, ``mmg``, ``emr``, ...).
+        counts: decoded-prompt and mask counts per stage.
+        mode: the mode that produced it.
+    """
+
+    label_map: np.ndarray
+    entities: list[Entity]
+    timings: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    mode: str = "esam"
+
+    def mask(self, entity_id: int) -> np.ndarray:
+        """(H, W) bool mask of one entity."""
+        return self.label_map == entity_id
+
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool masks of all entities, in ``entities`` order."""
+        ids = np.array([e.id for e in self.entities], dtype=self.label_map.dtype)
+        return self.label_map[None, :, :] == ids[:, None, None]
