@@ -68,6 +68,13 @@ class Entity:
     area: int
     bbox: tuple[int, int, int, int]  # x, y, width, height (pixels)
     centroid: tuple[float, float]  # x, y (pixels)
+    #: Identity across frames of one camera (0 = not tracked); see esam_core.tracking.
+    track_id: int = 0
+    #: Robust 3D centre and extent in metres in the camera frame, when depth was available.
+    position: tuple[float, float, float] | None = None
+    size: tuple[float, float, float] | None = None
+    #: Fraction of the entity's pixels with valid depth.
+    depth_coverage: float = 0.0
 
 
 @dataclass
