@@ -30,6 +30,60 @@ class Decoded:
         return int(self.points.shape[0])
 
 
+@dataclass
+class MaskSet:
+    """M candidate masks at the working resolution, with SAM's scores.
+
+    Attributes:
+        logits: (M, h, w) float32 SAM logits; the masks are ``logits > 0``.
+        iou: (M,) float32 predicted IoU.
+        stability: (M,) float32 stability score.
+        points: (M, 2) float64 image-pixel (x, y) of the prompt each mask came from.
+    """
+
+    logits: torch.Tensor
+    iou: torch.Tensor
+    stability: torch.Tensor
+    points: np.ndarray
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """(M, h, w) bool."""
+        return self.logits > 0
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    def select(self, index: torch.Tensor | np.ndarray | list[int]) -> MaskSet:
+        """The subset at ``index`` (int indices or a bool mask), in that order."""
+        idx = torch.as_tensor(np.asarray(index), device=self.logits.device)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero()[:, 0]
+        idx = idx.long()
+        return MaskSet(self.logits[idx], self.iou[idx], self.stability[idx],
+                       self.points[idx.cpu().numpy()].reshape(-1, 2))
+
+
+@dataclass
+class Entities:
+    """Non-overlapping entities at the working resolution (EMR's and USR's state).
+
+    Attributes:
+        own: (N, h, w) bool, the cells each entity owns; disjoint across entities.
+        logits: (N, h, w) float32, max of the member masks' SAM logits (for painting at full size).
+        iou: (N,) float32 predicted IoU of the originating mask (max over merged members).
+        stability: (N,) float32 stability score of that mask.
+    """
+
+    own: torch.Tensor
+    logits: torch.Tensor
+    iou: torch.Tensor
+    stability: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.own.shape[0])
+
+
 class PromptBackend(Protocol):
     """What the E-SAM algorithm needs from a promptable segmenter (SAM, or a test scene).
 
