@@ -1,0 +1,213 @@
+"""sensor_msgs/Image and CompressedImage <-> numpy, without cv_bridge and without rclpy.
+
+Works on any object with the sensor_msgs attribute names (rclpy messages, rosbags messages, plain
+test objects); ``data`` may be bytes, bytearray, ``array.array('B')``, a numpy uint8 array or a list
+of ints. Channel order is always explicit: every function returns or takes RGB.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+SUPPORTED_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
+
+#: Channels of each supported encoding, and the OpenCV conversion to RGB (None: already RGB).
+_CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
+_TO_RGB = {"rgb8": None, "bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB,
+           "bgra8": cv2.COLOR_BGRA2RGB, "mono8": cv2.COLOR_GRAY2RGB}
+#: Encodings that carry depth or other metric values, refused with a specific reason.
+_DEPTH_ENCODINGS = ("16uc1", "32fc1", "mono16", "16sc1", "32sc1", "64fc1")
+
+
+class ImageError(ValueError):
+    """An image message cannot be segmented; the message says exactly why (encoding, sizes...)."""
+
+
+def _as_bytes(data: Any) -> np.ndarray:
+    """Message ``data`` as a flat uint8 array (a view when the input supports the buffer API)."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise ImageError(f"image data has dtype {data.dtype}, expected uint8 bytes")
+        return data.reshape(-1)
+    if isinstance(data, (bytes, bytearray, memoryview)) or hasattr(data, "buffer_info"):
+        return np.frombuffer(data, dtype=np.uint8)
+    try:
+        return np.asarray(data, dtype=np.uint8).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ImageError(f"image data is not a byte sequence: {exc}") from None
+
+
+def _refuse_encoding(encoding: str) -> ImageError:
+    if encoding.lower() in _DEPTH_ENCODINGS:
+        return ImageError(f"unsupported encoding '{encoding}': depth images are not segmented "
+                          f"(supported: {', '.join(SUPPORTED_ENCODINGS)})")
+    return ImageError(f"unsupported encoding '{encoding}' "
+                      f"(supported: {', '.join(SUPPORTED_ENCODINGS)})")
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/Image-like -> (H, W, 3) uint8 RGB (a new, contiguous array).
+
+    Honours ``step`` (row padding); 8-bit encodings only, so ``is_bigendian`` does not matter.
+
+    Raises:
+        ImageError: unsupported encoding, zero size, ``step < width * channels``, or
+            ``len(data) != step * height``.
+    """
+    encoding = str(msg.encoding).strip()
+    enc = encoding.lower()
+    if enc not in _CHANNELS:
+        raise _refuse_encoding(encoding)
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height <= 0 or width <= 0:
+        raise ImageError(f"zero-size image: width={width}, height={height} ({encoding})")
+    channels = _CHANNELS[enc]
+    if step < width * channels:
+        raise ImageError(f"step {step} is smaller than width*channels = {width}*{channels} = "
+                         f"{width * channels} ({encoding})")
+    data = _as_bytes(msg.data)
+    if data.size != step * height:
+        raise ImageError(f"data length {data.size} != step*height = {step}*{height} = "
+                         f"{step * height} ({width}x{height} {encoding})")
+    # Rows may be padded: view as (H, step), keep the first width*channels bytes of each row.
+    pixels = data.reshape(height, step)[:, : width * channels].reshape(height, width, channels)
+    code = _TO_RGB[enc]
+    if code is None:
+        return pixels.copy()  # never alias the message buffer
+    if enc == "mono8":
+        pixels = pixels[:, :, 0]
+    return cv2.cvtColor(np.ascontiguousarray(pixels), code)
+
+
+def parse_format(fmt: str) -> tuple[str, str]:
+    """Split a CompressedImage ``format`` into (source encoding, codec), both lower case.
+
+    ``"rgb8; jpeg compressed bgr8"`` -> ``("rgb8", "jpeg")``; ``"png"`` -> ``("", "png")``;
+    ``"16UC1; compressedDepth png"`` -> ``("16uc1", "compresseddepth")``. Unknown parts are "".
+    """
+    text = str(fmt).strip().lower()
+    source, _, rest = text.partition(";") if ";" in text else ("", "", text)
+    words = rest.replace(",", " ").split()
+    codec = next((w for w in words if w in ("jpeg", "jpg", "png", "compresseddepth", "tiff")), "")
+    return source.strip(), "jpeg" if codec == "jpg" else codec
+
+
+def compressed_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/CompressedImage-like (JPEG or PNG) -> (H, W, 3) uint8 RGB.
+
+    The image is decoded by its content; the ``format`` string is only used to refuse depth
+    streams early and to name the stream in errors. In particular a "bgr8" in ``format`` does
+    not swap channels: OpenCV always decodes colour to BGR, which is converted to RGB here.
+
+    Raises:
+        ImageError: empty, truncated or undecodable data, 16-bit/float (depth) images.
+    """
+    fmt = str(getattr(msg, "format", "")).strip()
+    source, codec = parse_format(fmt)
+    if source in _DEPTH_ENCODINGS or codec == "compresseddepth":
+        raise ImageError(f"compressed image format '{fmt}': depth images are not segmented")
+    data = _as_bytes(msg.data)
+    if data.size == 0:
+        raise ImageError(f"empty compressed image data (format '{fmt}')")
+    # libjpeg "decodes" a truncated JPEG with a grey fill and only a warning: check the end marker
+    # (0xFFD9 cannot occur inside entropy-coded data, where 0xFF is always stuffed).
+    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-64:].tobytes():
+        raise ImageError(f"truncated JPEG: no end-of-image marker ({data.size} bytes, "
+                         f"format '{fmt}')")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise ImageError(f"could not decode compressed image ({data.size} bytes, format "
+                         f"'{fmt}'): corrupt, truncated or not JPEG/PNG")
+    if image.dtype != np.uint8:
+        raise ImageError(f"compressed image decodes to {image.dtype} (format '{fmt}'): "
+                         f"16-bit/float images are depth, depth images are not segmented")
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def label_image_fields(label_map: np.ndarray) -> dict[str, Any]:
+    """(H, W) integer label map -> sensor_msgs/Image fields, ``mono16`` little-endian.
+
+    Returns:
+        dict(height, width, encoding="mono16", is_bigendian=0, step=2*W, data=bytes).
+
+    Raises:
+        ValueError: the map is not 2-D, or holds ids outside [0, 65535].
+    """
+    if label_map.ndim != 2:
+        raise ValueError(f"label map must be 2-D, got shape {label_map.shape}")
+    if label_map.size and (int(label_map.max()) > 65535 or int(label_map.min()) < 0):
+        raise ValueError(f"label ids must be in [0, 65535] for mono16, got "
+                         f"[{int(label_map.min())}, {int(label_map.max())}]")
+    h, w = label_map.shape
+    data = np.ascontiguousarray(label_map, dtype="<u2").tobytes()
+    return dict(height=h, width=w, encoding="mono16", is_bigendian=0, step=2 * w, data=data)
+
+
+def rgb_image_fields(rgb: np.ndarray) -> dict[str, Any]:
+    """(H, W, 3) uint8 RGB -> sensor_msgs/Image fields, ``rgb8``."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
+    h, w = rgb.shape[:2]
+    return dict(height=h, width=w, encoding="rgb8", is_bigendian=0, step=3 * w,
+                data=np.ascontiguousarray(rgb).tobytes())
+
+
+def _palette() -> np.ndarray:
+    """(65536, 3) uint8: a fixed, bright colour per id (seeded, so the same on every run)."""
+    rng = np.random.default_rng(0x5E5A)
+    colors = rng.integers(40, 256, size=(65536, 3), dtype=np.uint8)
+    colors[0] = 0
+    return colors
+
+
+_PALETTE = _palette()
+
+
+def overlay_image(rgb: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Entities painted over the image, boundaries in white; background (0) left as is.
+
+    Args:
+        rgb: (H, W, 3) uint8 RGB.
+        label_map: (H, W) integer ids (0..65535); each id gets the same colour in every frame.
+        alpha: weight of the entity colour in [0, 1].
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    if rgb.shape[:2] != label_map.shape:
+        raise ValueError(f"image {rgb.shape[:2]} and label map {label_map.shape} differ in size")
+    labels = label_map.astype(np.uint16, copy=False)
+    colors = _PALETTE[labels]
+    blended = cv2.addWeighted(rgb, 1.0 - alpha, colors, alpha, 0.0)
+    out = np.where((labels > 0)[:, :, None], blended, rgb)
+    # Morphological gradient of the id image: non-zero exactly where a 3x3 window sees two ids.
+    edges = cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    out[edges] = 255
+    return out
+
+
+def fit_max_pixels(rgb: np.ndarray, max_pixels: int) -> tuple[np.ndarray, float]:
+    """Downscale (cv2.INTER_AREA, aspect kept) so that H*W <= max_pixels; 0 means no limit.
+
+    Returns:
+        (image, scale): the input itself and 1.0 when it already fits, else the resized copy and
+        its width ratio new_W / W.
+    """
+    h, w = rgb.shape[:2]
+    if max_pixels <= 0 or h * w <= max_pixels:
+        return rgb, 1.0
+    scale = (max_pixels / float(h * w)) ** 0.5
+    new_w, new_h = max(1, int(w * scale)), max(1, int(h * scale))
+    while new_w * new_h > max_pixels and (new_w > 1 or new_h > 1):  # float rounding guard
+        if new_w >= new_h:
+            new_w -= 1
+        else:
+            new_h -= 1
+    return cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA), new_w / w
