@@ -23,29 +23,38 @@ _DEPTH_ENCODINGS = ("16uc1", "32fc1", "mono16", "16sc1", "32sc1", "64fc1")
 
 
 class ImageError(ValueError):
-    """An image message cannot be segmented; the message says exactly why (encoding, sizes...)."""
+    """An image message cannot be segmented; the message says exactly why (encoding, sizes...).
+
+    ``reason`` is a short key for counting (``unsupported_encoding``, ``depth_image``,
+    ``zero_size``, ``bad_step``, ``bad_data_length``, ``empty``, ``truncated``, ``undecodable``).
+    """
+
+    def __init__(self, message: str, reason: str = "invalid_image") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _as_bytes(data: Any) -> np.ndarray:
     """Message ``data`` as a flat uint8 array (a view when the input supports the buffer API)."""
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8:
-            raise ImageError(f"image data has dtype {data.dtype}, expected uint8 bytes")
+            raise ImageError(f"image data has dtype {data.dtype}, expected uint8 bytes",
+                             "bad_data_length")
         return data.reshape(-1)
     if isinstance(data, (bytes, bytearray, memoryview)) or hasattr(data, "buffer_info"):
         return np.frombuffer(data, dtype=np.uint8)
     try:
         return np.asarray(data, dtype=np.uint8).reshape(-1)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ImageError(f"image data is not a byte sequence: {exc}") from None
+        raise ImageError(f"image data is not a byte sequence: {exc}", "bad_data_length") from None
 
 
 def _refuse_encoding(encoding: str) -> ImageError:
     if encoding.lower() in _DEPTH_ENCODINGS:
         return ImageError(f"unsupported encoding '{encoding}': depth images are not segmented "
-                          f"(supported: {', '.join(SUPPORTED_ENCODINGS)})")
+                          f"(supported: {', '.join(SUPPORTED_ENCODINGS)})", "depth_image")
     return ImageError(f"unsupported encoding '{encoding}' "
-                      f"(supported: {', '.join(SUPPORTED_ENCODINGS)})")
+                      f"(supported: {', '.join(SUPPORTED_ENCODINGS)})", "unsupported_encoding")
 
 
 def image_to_rgb(msg: Any) -> np.ndarray:
@@ -63,15 +72,16 @@ def image_to_rgb(msg: Any) -> np.ndarray:
         raise _refuse_encoding(encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
-        raise ImageError(f"zero-size image: width={width}, height={height} ({encoding})")
+        raise ImageError(f"zero-size image: width={width}, height={height} ({encoding})",
+                         "zero_size")
     channels = _CHANNELS[enc]
     if step < width * channels:
         raise ImageError(f"step {step} is smaller than width*channels = {width}*{channels} = "
-                         f"{width * channels} ({encoding})")
+                         f"{width * channels} ({encoding})", "bad_step")
     data = _as_bytes(msg.data)
     if data.size != step * height:
         raise ImageError(f"data length {data.size} != step*height = {step}*{height} = "
-                         f"{step * height} ({width}x{height} {encoding})")
+                         f"{step * height} ({width}x{height} {encoding})", "bad_data_length")
     # Rows may be padded: view as (H, step), keep the first width*channels bytes of each row.
     pixels = data.reshape(height, step)[:, : width * channels].reshape(height, width, channels)
     code = _TO_RGB[enc]
@@ -108,22 +118,24 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     fmt = str(getattr(msg, "format", "")).strip()
     source, codec = parse_format(fmt)
     if source in _DEPTH_ENCODINGS or codec == "compresseddepth":
-        raise ImageError(f"compressed image format '{fmt}': depth images are not segmented")
+        raise ImageError(f"compressed image format '{fmt}': depth images are not segmented",
+                         "depth_image")
     data = _as_bytes(msg.data)
     if data.size == 0:
-        raise ImageError(f"empty compressed image data (format '{fmt}')")
+        raise ImageError(f"empty compressed image data (format '{fmt}')", "empty")
     # libjpeg "decodes" a truncated JPEG with a grey fill and only a warning: check the end marker
     # (0xFFD9 cannot occur inside entropy-coded data, where 0xFF is always stuffed).
     if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-64:].tobytes():
         raise ImageError(f"truncated JPEG: no end-of-image marker ({data.size} bytes, "
-                         f"format '{fmt}')")
+                         f"format '{fmt}')", "truncated")
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise ImageError(f"could not decode compressed image ({data.size} bytes, format "
-                         f"'{fmt}'): corrupt, truncated or not JPEG/PNG")
+                         f"'{fmt}'): corrupt, truncated or not JPEG/PNG", "undecodable")
     if image.dtype != np.uint8:
         raise ImageError(f"compressed image decodes to {image.dtype} (format '{fmt}'): "
-                         f"16-bit/float images are depth, depth images are not segmented")
+                         f"16-bit/float images are depth, depth images are not segmented",
+                         "depth_image")
     if image.ndim == 2 or image.shape[2] == 1:
         return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:

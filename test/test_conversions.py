@@ -67,34 +67,38 @@ def test_rgb8_result_does_not_alias_message() -> None:
     assert msg.data.any()
 
 
-@pytest.mark.parametrize("encoding, words", [
-    ("yuv422", ["unsupported encoding 'yuv422'", "rgb8"]),
-    ("16UC1", ["'16UC1'", "depth images are not segmented"]),
-    ("32FC1", ["'32FC1'", "depth images are not segmented"]),
-    ("mono16", ["'mono16'", "depth images are not segmented"]),
+@pytest.mark.parametrize("encoding, words, reason", [
+    ("yuv422", ["unsupported encoding 'yuv422'", "rgb8"], "unsupported_encoding"),
+    ("16UC1", ["'16UC1'", "depth images are not segmented"], "depth_image"),
+    ("32FC1", ["'32FC1'", "depth images are not segmented"], "depth_image"),
+    ("mono16", ["'mono16'", "depth images are not segmented"], "depth_image"),
 ])
-def test_unsupported_encodings(encoding: str, words: list[str]) -> None:
+def test_unsupported_encodings(encoding: str, words: list[str], reason: str) -> None:
     msg = encode(RGB, "rgb8")
     msg.encoding = encoding
     with pytest.raises(ImageError) as err:
         image_to_rgb(msg)
     for word in words:
         assert word in str(err.value)
+    assert err.value.reason == reason
 
 
 def test_bad_sizes_are_named() -> None:
     msg = encode(RGB, "rgb8")
     msg.width = 0
-    with pytest.raises(ImageError, match="zero-size image: width=0"):
+    with pytest.raises(ImageError, match="zero-size image: width=0") as err:
         image_to_rgb(msg)
+    assert err.value.reason == "zero_size"
     msg = encode(RGB, "rgb8")
     msg.step = 20  # 7 px * 3 channels = 21
-    with pytest.raises(ImageError, match="step 20 is smaller than width\\*channels"):
+    with pytest.raises(ImageError, match="step 20 is smaller than width\\*channels") as err:
         image_to_rgb(msg)
+    assert err.value.reason == "bad_step"
     msg = encode(RGB, "rgb8")
     msg.data = msg.data[:-1]
-    with pytest.raises(ImageError, match="data length 104 != step\\*height = 21\\*5 = 105"):
+    with pytest.raises(ImageError, match="data length 104 != step\\*height = 21\\*5 = 105") as e:
         image_to_rgb(msg)
+    assert e.value.reason == "bad_data_length"
 
 
 def compressed(rgb: np.ndarray, ext: str, fmt: str = "") -> SimpleNamespace:
@@ -125,10 +129,12 @@ def test_bad_compressed_data() -> None:
     good = compressed(cv2.resize(RGB, (64, 48)), ".jpg")
     with pytest.raises(ImageError, match="empty compressed image data"):
         compressed_to_rgb(SimpleNamespace(format="jpeg", data=b""))
-    with pytest.raises(ImageError, match="truncated JPEG"):
+    with pytest.raises(ImageError, match="truncated JPEG") as err:
         compressed_to_rgb(SimpleNamespace(format="jpeg", data=good.data[: len(good.data) // 2]))
-    with pytest.raises(ImageError, match="could not decode"):
+    assert err.value.reason == "truncated"
+    with pytest.raises(ImageError, match="could not decode") as err:
         compressed_to_rgb(SimpleNamespace(format="png", data=b"not an image at all"))
+    assert err.value.reason == "undecodable"
     png = compressed(RGB, ".png")
     with pytest.raises(ImageError, match="could not decode"):
         compressed_to_rgb(SimpleNamespace(format="png", data=png.data[:40]))
