@@ -1,0 +1,237 @@
+"""``EntitySegmenter``: one RGB image in, a non-overlapping entity label map out.
+
+Modes (config ``mode``): ``esam`` (MMG -> EMR -> USR, each switchable by ``modules.*`` for the
+paper's Table 3), ``amg`` (segment-anything's ``SamAutomaticMaskGenerator`` painted into a label
+map) and ``sam_o`` (SAM's object-level masks only, Table 2's SAM^O).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import cv2
+import numpy as np
+import torch
+
+from esam_core import emr, mmg, usr
+from esam_core.config import PARAMETERS, Config, ConfigError
+from esam_core.gallery import Gallery
+from esam_core.labels import build_label_map, entity_scores, paint_entities, paint_masks
+from esam_core.masks import to_cells
+from esam_core.superpixels import compute_superpixels, density_map
+from esam_core.types import Decoded, Entities, EntitySegmentation, MaskSet, PromptBackend
+
+log = logging.getLogger(__name__)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Accept (H, W) / (H, W, 1) mono or (H, W, 3) RGB uint8; return contiguous (H, W, 3) uint8.
+
+    Raises:
+        ValueError: naming the shape or dtype that is not accepted.
+    """
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"expected a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB or (H, W) mono image, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image has zero size: {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+class _Stages:
+    """Per-stage wall-clock timings (perf_counter, with device sync) and decoded-prompt counts.
+
+    Decoder time spent inside a post-processing stage (lazy gallery, USR prompts) is booked to
+    ``decode_<stage>`` and subtracted from the stage itself, so the two are reported apart.
+    """
+
+    def __init__(self, backend: PromptBackend) -> None:
+        self.backend = backend
+        self.timings: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self._stage = "setup"
+        self._decode_time = 0.0
+
+    def _sync(self) -> None:
+        sync = getattr(self.backend, "synchronize", None)
+        if sync is not None:
+            sync()
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        outer, self._stage = self._stage, name
+        decode_before = self._decode_time
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            inner = self._decode_time - decode_before
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0 - inner
+            self._stage = outer
+
+    def decode(self, points: np.ndarray) -> Decoded:
+        """``backend.decode_points`` with its time and prompt count booked to the current stage."""
+        self._sync()
+        t0 = time.perf_counter()
+        out = self.backend.decode_points(points)
+        self._sync()
+        dt = time.perf_counter() - t0
+        self._decode_time += dt
+        key = f"decode_{self._stage}" if not self._stage.startswith("decode") else self._stage
+        self.timings[key] = self.timings.get(key, 0.0) + dt
+        self.counts[f"prompts_{key.removeprefix('decode_')}"] = (
+            self.counts.get(f"prompts_{key.removeprefix('decode_')}", 0) + len(points))
+        return out
+
+
+class _CountingBackend:
+    """Forwards to a backend; routes ``decode_points`` through ``_Stages.decode``."""
+
+    def __init__(self, backend: PromptBackend, stages: _Stages) -> None:
+        self._backend, self._stages = backend, stages
+
+    def decode_points(self, points_xy: np.ndarray) -> Decoded:
+        return self._stages.decode(points_xy)
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+
+class EntitySegmenter:
+    """E-SAM entity segmentation on a promptable backend (``SamBackend`` by default).
+
+    Args:
+        cfg: validated configuration (``esam_core.config.load_config``).
+        backend: a ``PromptBackend``; built from ``cfg["model.*"]`` when None (loads SAM).
+    """
+
+    def __init__(self, cfg: Config, backend: PromptBackend | None = None) -> None:
+        if backend is None:
+            from esam_core.backend import SamBackend
+
+            backend = SamBackend(cfg)
+        self.backend = backend
+        self._cfg = cfg
+
+    @property
+    def config(self) -> Config:
+        return self._cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    def set_config(self, cfg: Config) -> None:
+        """Use ``cfg`` from the next frame on; read-only (model) parameters cannot change."""
+        fixed = [k for k, p in PARAMETERS.items() if not p.dynamic and cfg[k] != self._cfg[k]]
+        if fixed:
+            raise ConfigError(f"parameter '{fixed[0]}' is read-only while running "
+                              f"(restart to change it)")
+        self._cfg = cfg
+
+    def release(self) -> None:
+        """Free the model (and GPU memory); the segmenter cannot be used afterwards."""
+        release = getattr(self.backend, "release", None)
+        if release is not None:
+            release()
+
+    def segment(self, image: np.ndarray) -> EntitySegmentation:
+        """Segment one image ((H, W, 3) RGB or (H, W) mono uint8) into entities."""
+        cfg = self._cfg  # one snapshot per frame: runtime changes apply from the next frame
+        rgb = as_rgb(image)
+        stages = _Stages(self.backend)
+        t0 = time.perf_counter()
+        mode = cfg["mode"]
+        if mode == "amg" and hasattr(self.backend, "amg_generator"):
+            index, scores = self._amg(rgb, cfg, stages)
+        else:
+            with stages("encoder"):
+                self.backend.set_image(rgb)
+            backend = _CountingBackend(self.backend, stages)
+            ents = self._entities(rgb, cfg, backend, stages)
+            with stages("paint"):
+                index = paint_entities(ents, self.backend)
+                hh, ww = rgb.shape[:2]
+                areas = np.bincount(index[index >= 0].ravel(), minlength=len(ents))
+                scores = entity_scores(ents.iou.cpu().numpy(), ents.stability.cpu().numpy(),
+                                       areas, hh * ww, cfg["output.score"])
+        with stages("labels"):
+            label_map, entities = build_label_map(index, scores, cfg["output.min_area"],
+                                                  cfg["output.max_entities"])
+        stages.timings["total"] = time.perf_counter() - t0
+        stages.counts["entities"] = len(entities)
+        return EntitySegmentation(label_map, entities, stages.timings, stages.counts, mode)
+
+    def _amg(self, rgb: np.ndarray, cfg: Config, stages: _Stages) -> tuple[np.ndarray, np.ndarray]:
+        """segment-anything's own AMG (it encodes the image itself)."""
+        generator = self.backend.amg_generator(cfg["mmg.points_per_side"])
+        with stages("amg"):
+            records = generator.generate(rgb)
+        stages.counts["prompts_main"] = cfg["mmg.points_per_side"] ** 2
+        if not records:
+            return np.full(rgb.shape[:2], -1, np.int32), np.zeros(0)
+        masks = np.stack([r["segmentation"] for r in records])
+        scores = entity_scores(np.array([r["predicted_iou"] for r in records]),
+                               np.array([r["stability_score"] for r in records]),
+                               masks.reshape(len(masks), -1).sum(1), masks[0].size,
+                               cfg["output.score"])
+        return paint_masks(masks, scores), scores
+
+    def _entities(self, rgb: np.ndarray, cfg: Config, backend: PromptBackend,
+                  stages: _Stages) -> Entities:
+        """Working-grid entities for `esam`, `sam_o` and (backend without AMG) `amg`."""
+        points = mmg.grid_points(cfg["mmg.points_per_side"], backend.image_hw)
+        with stages("decode_main"):
+            decoded = backend.decode_points(points)
+        mode = cfg["mode"]
+        if mode != "esam":
+            with stages("mmg"):
+                masks = (mmg.amg_masks(decoded, cfg) if mode == "amg"
+                         else mmg.object_level_masks(mmg.sort_levels(decoded), cfg))
+                return emr.entities_by_score(masks)
+        with stages("superpixels"):
+            sp = compute_superpixels(rgb, cfg, backend.lowres_hw, backend.device)
+        with stages("mmg"):
+            if cfg["modules.mmg"]:
+                levels = mmg.sort_levels(decoded)
+                result = mmg.run_mmg(levels, density_map(sp, cfg), cfg)
+                objects = result.objects
+                holders = _concat(result.parts, result.subparts)
+                stages.counts.update({f"mmg_{k}": v for k, v in result.counts.items()})
+            else:  # Table 3 rows without MMG: EMR and USR start from AMG's output
+                objects = holders = mmg.amg_masks(decoded, cfg)
+            stages.counts["objects"] = len(objects)
+        if cfg["modules.emr"]:
+            with stages("emr"):
+                gallery = Gallery(backend, cfg)
+                ents = emr.split_overlaps(objects, gallery, cfg)
+                features = backend.sample_features(sp.centroids_xy)
+                cells = to_cells(sp.centroids_xy, backend.image_hw, backend.lowres_hw)
+                ents = emr.merge_entities(ents, gallery, cells, features, cfg)
+                stages.counts["gallery_prompts"] = gallery.decoded_prompts
+        else:
+            with stages("emr"):
+                ents = emr.entities_by_score(objects)
+        stages.counts["entities_emr"] = len(ents)
+        if cfg["modules.usr"]:
+            with stages("usr"):
+                ents, counts = usr.refine_under_segmentation(ents, sp, holders, backend, cfg)
+                stages.counts.update({f"usr_{k}": v for k, v in counts.items()})
+        return ents
+
+
+def _concat(a: MaskSet, b: MaskSet) -> MaskSet:
+    return MaskSet(torch.cat([a.logits, b.logits]), torch.cat([a.iou, b.iou]),
+                   torch.cat([a.stability, b.stability]), np.concatenate([a.points, b.points]))
