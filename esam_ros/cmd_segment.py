@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from esam_core.config import load_config
+from esam_core.image_io import read_rgb
 from esam_core.types import EntitySegmentation
 
 log = logging.getLogger("esam.segment")
@@ -41,17 +42,6 @@ def entity_records(result: EntitySegmentation) -> list[dict]:
         records.append({"id": e.id, "score": e.score, "area": e.area, "bbox": list(e.bbox),
                         "centroid": list(e.centroid), "segmentation": rle})
     return records
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file; ValueError if it cannot be decoded."""
-    data = np.fromfile(path, dtype=np.uint8) if path.is_file() else None
-    if data is None:
-        raise ValueError(f"{path}: no such file")
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"{path}: not a readable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def write_outputs(out: Path, stem: str, rgb: np.ndarray, result: EntitySegmentation) -> None:
