@@ -60,7 +60,7 @@ def _backend(args: argparse.Namespace, cfg: Config, scene):
             raise ValueError("--backend scene needs the synthetic image (no --image)")
         h, w = scene.leaves.shape
         # Same working grid as real SAM: low-res masks have a 256-cell long side at 1024 px.
-        return SceneBackend(scene, lowres_scale=256 / max(h, w)), "scene (fake, post-processing only)"
+        return SceneBackend(scene, lowres_scale=256 / max(h, w)), "scene (fake backend)"
     from esam_core.backend import SamBackend
 
     label = f"sam {cfg['model.type']}" + (" random weights (timing only)" if args.random_weights
