@@ -139,6 +139,9 @@ class EntitySegmenter:
         if fixed:
             raise ConfigError(f"parameter '{fixed[0]}' is read-only while running "
                               f"(restart to change it)")
+        backend_set = getattr(self.backend, "set_config", None)
+        if backend_set is not None:  # batch size, stability offset
+            backend_set(cfg)
         self._cfg = cfg
 
     def release(self) -> None:
