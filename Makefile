@@ -24,7 +24,9 @@ bench:
 	$(VENV)/bin/esam bench --config config/test_tiny.yaml
 
 demo:
-	$(VENV)/bin/esam replay data/spot_raw_mcap --config config/esam.yaml --out out/demo_bag --report out/demo_report.json
+	$(VENV)/bin/esam replay data/spot/raw_mcap --config config/esam.yaml --out out/demo_bag \
+		--report out/demo_report.json --overwrite --fallback-test-tiny
+	@echo "demo outputs: out/demo_bag (bag: images, entities, entity_labels), out/demo_report.json"
 
 # Fetch an official SAM checkpoint (not part of install): make weights MODEL=vit_b
 MODEL ?= vit_h
