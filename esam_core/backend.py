@@ -1,0 +1,342 @@
+"""SAM backend: build a segment-anything model, check its checkpoint, answer point prompts.
+
+``SamBackend`` implements ``esam_core.types.PromptBackend`` on ``SamPredictor``. All sizes (input
+side, embedding grid, low-res mask grid) are read from the model, so the same code serves the
+official ViT-B/L/H (1024 px input, 64×64 embedding, 256×256 masks) and ``test_tiny``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from segment_anything.utils.amg import calculate_stability_score
+
+from esam_core.config import PARAMETERS, Config, ConfigError
+from esam_core.types import Decoded
+from esam_core.weights import (
+    CheckpointError,
+    check_state_dict,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+
+__all__ = ["CheckpointError", "SamBackend", "build_sam_model", "resolve_device"]
+
+_LOG = logging.getLogger(__name__)
+
+#: Upper bound of the intermediate tensors of one ``upsample_logits`` chunk.
+_UPSAMPLE_CHUNK_BYTES = 256 << 20
+#: test_tiny: gain on the random mask heads so its logits have SAM's magnitude.
+_TINY_LOGIT_GAIN = 100.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a usable device (auto: CUDA when present).
+
+    Raises:
+        ValueError: unknown name, CUDA asked but absent, or N beyond the visible GPUs.
+    """
+    key = name.strip().lower()
+    if key == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(key)
+    except RuntimeError:
+        raise ValueError(f"model.device = {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"model.device = {name!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"model.device = {name!r} but CUDA is not available (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda}); use cpu or auto")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"model.device = {name!r} but only {torch.cuda.device_count()} CUDA "
+                         "device(s) are visible")
+    return device
+
+
+# --- models --------------------------------------------------------------------------------------
+
+def _build_tiny(img_size: int) -> Sam:
+    """A small SAM from segment-anything's own classes: 2 encoder blocks of width 64, 256 out."""
+    patch, prompt_dim = 16, 256
+    if img_size % patch:
+        raise ConfigError(f"model.test_tiny_img_size = {img_size}: must be a multiple of {patch}")
+    side = img_size // patch
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=img_size, patch_size=patch, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0,
+            out_chans=prompt_dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True, window_size=4, global_attn_indexes=(1,)),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_dim, image_embedding_size=(side, side),
+            input_image_size=(img_size, img_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3, transformer_dim=prompt_dim, iou_head_depth=3,
+            iou_head_hidden_dim=64,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=256,
+                                          num_heads=8)),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    # Default init gives logits of about ±0.1; real SAM's are about ±10 and the stability offset
+    # (1.0) assumes that scale, so scale the mask heads up (on meta tensors this is a no-op).
+    with torch.no_grad():
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(_TINY_LOGIT_GAIN)
+    return sam
+
+
+def build_sam_model(cfg: Config, random_weights: bool = False) -> Sam:
+    """The ``cfg["model.type"]`` SAM on the CPU, in eval mode.
+
+    ``vit_b|vit_l|vit_h`` load ``model.checkpoint`` (see ``checkpoint_candidates``); with
+    ``random_weights`` they get random weights instead (timing only). ``test_tiny`` has random
+    weights seeded by ``model.seed`` unless ``model.checkpoint`` names a saved one.
+
+    Raises:
+        CheckpointError: missing, truncated/corrupt, or wrong checkpoint (one line with the fix).
+    """
+    model_type = cfg["model.type"]
+    if model_type == "test_tiny":
+        make = partial(_build_tiny, cfg["model.test_tiny_img_size"])
+        _LOG.warning("model.type test_tiny: a tiny SAM whose masks are meaningless "
+                     "(tests and smoke runs only)")
+    else:
+        make = sam_model_registry[model_type]
+    checkpoint = cfg["model.checkpoint"]
+    if random_weights or (model_type == "test_tiny" and not checkpoint):
+        if model_type != "test_tiny":
+            _LOG.warning("%s with random weights: for timing only", model_type)
+        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+            torch.manual_seed(cfg["model.seed"])
+            return make().eval()
+    path = resolve_checkpoint(checkpoint, model_type)
+    state = load_checkpoint(path, model_type)
+    with torch.device("meta"):  # shapes only: no memory, no random init of weights we replace
+        model = make()
+    check_state_dict(state, model.state_dict(), path, model_type)
+    model.load_state_dict(state, assign=True)
+    _LOG.info("loaded %s checkpoint %s", model_type, path)
+    return model.eval()
+
+
+# --- backend -------------------------------------------------------------------------------------
+
+def _points(points_xy: np.ndarray, what: str) -> np.ndarray:
+    pts = np.asarray(points_xy, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"{what}: expected (N, 2) x, y points, got shape {pts.shape}")
+    if not np.isfinite(pts).all():
+        raise ValueError(f"{what}: points contain NaN or infinity")
+    return pts
+
+
+class SamBackend:
+    """``PromptBackend`` on segment-anything's ``SamPredictor``.
+
+    Attributes:
+        cfg: the configuration (``set_config`` swaps its dynamic values).
+        device: where the model, features and all returned tensors live.
+        model: the ``Sam`` module (None after ``release``).
+        predictor: the ``SamPredictor`` holding the current image's features.
+    """
+
+    def __init__(self, cfg: Config, model: Sam | None = None, random_weights: bool = False) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg["model.device"])
+        self.amp_dtype: torch.dtype | None = None
+        if cfg["model.precision"] != "fp32":
+            if self.device.type == "cuda":
+                self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[
+                    cfg["model.precision"]]
+            else:
+                _LOG.warning("model.precision %s needs CUDA; running fp32 on %s",
+                             cfg["model.precision"], self.device)
+        if model is None:
+            model = build_sam_model(cfg, random_weights=random_weights)
+        self.model: Sam | None = model.to(self.device).eval()
+        self.predictor: SamPredictor | None = SamPredictor(self.model)
+        self._lowres_hw: tuple[int, int] = (0, 0)
+
+    def set_config(self, cfg: Config) -> None:
+        """Use new dynamic values (``points_per_batch``, ``sam.*``); model and device are fixed."""
+        fixed = [k for k, p in PARAMETERS.items() if not p.dynamic and cfg[k] != self.cfg[k]]
+        if fixed:
+            raise ConfigError(f"cannot change {fixed} of a loaded backend")
+        self.cfg = cfg
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of ``model.precision`` (a no-op for fp32 and on the CPU)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def _ready(self) -> SamPredictor:
+        if self.predictor is None:
+            raise RuntimeError("SamBackend was released; build a new one")
+        if not self.predictor.is_image_set:
+            raise RuntimeError("SamBackend: call set_image first")
+        return self.predictor
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        """Encode an (H, W, 3) uint8 RGB image once; every other call refers to it.
+
+        Raises:
+            ValueError: not an array, wrong shape, empty, or not uint8.
+        """
+        if not isinstance(rgb, np.ndarray):
+            raise ValueError(f"set_image: expected a numpy array, got {type(rgb).__name__}")
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
+            raise ValueError(f"set_image: expected an (H, W, 3) RGB image, got shape {rgb.shape}")
+        if rgb.dtype != np.uint8:
+            raise ValueError(f"set_image: expected dtype uint8, got {rgb.dtype}")
+        if self.predictor is None:
+            raise RuntimeError("SamBackend was released; build a new one")
+        with torch.inference_mode(), self.autocast():
+            self.predictor.set_image(rgb, image_format="RGB")
+        size = self.predictor.model.image_encoder.img_size
+        side = size // 4  # the mask decoder predicts img_size/4 squared over the padded input
+        in_h, in_w = self.predictor.input_size
+        self._lowres_hw = (-(-in_h * side // size), -(-in_w * side // size))  # ceil
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(H, W) of the current image."""
+        return tuple(self._ready().original_size)
+
+    @property
+    def lowres_hw(self) -> tuple[int, int]:
+        """(h, w) of the valid (unpadded) part of the low-res mask grid for the current image."""
+        self._ready()
+        return self._lowres_hw
+
+    def decode_points(self, points_xy: np.ndarray) -> Decoded:
+        """Decode N single positive point prompts ((N, 2) image pixels, x then y).
+
+        Batches of ``model.points_per_batch``. Logits are SAM's low-res multimask logits cropped to
+        ``lowres_hw``; stability is ``calculate_stability_score`` on those low-res logits (at low
+        resolution for cost; AMG computes it at full size) with empty masks scored 0 (AMG gets NaN,
+        which fails every threshold just the same).
+        """
+        predictor = self._ready()
+        pts = _points(points_xy, "decode_points")
+        n, (h, w) = len(pts), self._lowres_hw
+        logits = torch.empty((n, 3, h, w), dtype=torch.float32, device=self.device)
+        iou = torch.empty((n, 3), dtype=torch.float32, device=self.device)
+        stability = torch.empty((n, 3), dtype=torch.float32, device=self.device)
+        coords = torch.as_tensor(predictor.transform.apply_coords(pts, predictor.original_size),
+                                 dtype=torch.float32, device=self.device)[:, None, :]
+        labels = torch.ones((n, 1), dtype=torch.int, device=self.device)
+        batch = self.cfg["model.points_per_batch"]
+        offset = self.cfg["sam.stability_score_offset"]
+        with torch.inference_mode(), self.autocast():
+            for s in range(0, n, batch):
+                low, quality = self._predict_lowres(coords[s:s + batch], labels[s:s + batch])
+                low = low[:, :, :h, :w].float()
+                logits[s:s + batch] = low
+                iou[s:s + batch] = quality.float()
+                stability[s:s + batch] = calculate_stability_score(
+                    low, self.model.mask_threshold, offset)
+        return Decoded(points=pts.copy(), logits=logits, iou=iou,
+                       stability=torch.nan_to_num(stability, nan=0.0))
+
+    def _predict_lowres(self, coords: torch.Tensor,
+                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``SamPredictor.predict_torch`` without its full-size upsampling, which E-SAM never uses
+        and which costs B·3·img_size² floats per batch; returns (B, 3, L, L) logits, (B, 3) IoU."""
+        sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        return self.model.mask_decoder(
+            image_embeddings=self.predictor.features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+
+    def sample_features(self, points_xy: np.ndarray) -> torch.Tensor:
+        """(K, C) float32 encoder features at K image points, bilinear, L2-normalised.
+
+        A point (x, y) in image pixels goes to the resized input frame as SAM moves prompts
+        (``x * input_w / W``), then to the embedding, which covers the padded ``img_size`` square.
+        """
+        predictor = self._ready()
+        pts = _points(points_xy, "sample_features")
+        feats = predictor.features  # (1, C, e, e)
+        if len(pts) == 0:
+            return torch.zeros((0, feats.shape[1]), dtype=torch.float32, device=self.device)
+        (H, W), (in_h, in_w) = predictor.original_size, predictor.input_size
+        size = predictor.model.image_encoder.img_size
+        grid = np.stack([pts[:, 0] * in_w / W, pts[:, 1] * in_h / H], axis=1) / size * 2.0 - 1.0
+        grid_t = torch.as_tensor(grid, dtype=torch.float32, device=self.device).view(1, -1, 1, 2)
+        with torch.inference_mode():
+            out = F.grid_sample(feats.float(), grid_t, mode="bilinear", padding_mode="border",
+                                align_corners=False)  # (1, C, K, 1)
+            return F.normalize(out[0, :, :, 0].T, dim=1)
+
+    def upsample_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(M, h, w) low-res logits -> (M, H, W) float32, as ``Sam.postprocess_masks`` does it.
+
+        Bilinear to the ``img_size`` frame, crop to the resized input, bilinear to (H, W); equal to
+        SAM's full-size logits except next to the padding border, where SAM also reads padded
+        cells. Chunked so the intermediates stay under 256 MiB.
+        """
+        predictor = self._ready()
+        h, w = self._lowres_hw
+        if logits.ndim != 3 or tuple(logits.shape[1:]) != (h, w):
+            raise ValueError(f"upsample_logits: expected (M, {h}, {w}) logits, got "
+                             f"{tuple(logits.shape)}")
+        (H, W), (in_h, in_w) = predictor.original_size, predictor.input_size
+        size = predictor.model.image_encoder.img_size
+        up = (h * size // (size // 4), w * size // (size // 4))  # the low-res grid in input pixels
+        out = torch.empty((logits.shape[0], H, W), dtype=torch.float32, device=self.device)
+        chunk = max(1, _UPSAMPLE_CHUNK_BYTES // (4 * (up[0] * up[1] + H * W)))
+        with torch.inference_mode():
+            for s in range(0, logits.shape[0], chunk):
+                x = logits[s:s + chunk, None].to(self.device, torch.float32)
+                x = F.interpolate(x, up, mode="bilinear", align_corners=False)
+                x = F.interpolate(x[..., :in_h, :in_w], (H, W), mode="bilinear",
+                                  align_corners=False)
+                out[s:s + chunk] = x[:, 0]
+        return out
+
+    def amg_generator(self, points_per_side: int) -> SamAutomaticMaskGenerator:
+        """segment-anything's AMG on this model with the ``sam.*`` thresholds (the baselines)."""
+        if self.model is None:
+            raise RuntimeError("SamBackend was released; build a new one")
+        c = self.cfg
+        return SamAutomaticMaskGenerator(
+            self.model, points_per_side=points_per_side,
+            points_per_batch=c["model.points_per_batch"],
+            pred_iou_thresh=c["sam.pred_iou_thresh"],
+            stability_score_thresh=c["sam.stability_score_thresh"],
+            stability_score_offset=c["sam.stability_score_offset"],
+            box_nms_thresh=c["sam.box_nms_thresh"], crop_n_layers=c["sam.crop_n_layers"])
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (for honest timings); a no-op on the CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def release(self) -> None:
+        """Drop the model and features and return cached GPU memory (node deactivate)."""
+        self.predictor = None
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
