@@ -180,7 +180,7 @@ class EntitySegmenter:
     def _amg(self, rgb: np.ndarray, cfg: Config, stages: _Stages) -> tuple[np.ndarray, np.ndarray]:
         """segment-anything's own AMG (it encodes the image itself)."""
         generator = self.backend.amg_generator(cfg["mmg.points_per_side"])
-        with stages("amg"):
+        with stages("amg"), self.backend.autocast():
             records = generator.generate(rgb)
         stages.counts["prompts_main"] = cfg["mmg.points_per_side"] ** 2
         if not records:
