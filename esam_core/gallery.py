@@ -1,0 +1,185 @@
+"""The 64-grid mask gallery G of EMR (paper §3.3, spec §4): per prompt an object-level and a
+best-level mask with their scores, looked up by the prompts that lie inside a region.
+
+Eq.6 (guidance mask of an overlap) and Eq.8 (a gallery mask that encompasses two merge candidates)
+only ever read the prompts inside a region, and the gallery de-duplication (``gallery.nms``) groups
+the masks of *those* prompts only, so every answer depends on the prompts in the region alone. Lazy
+mode therefore decodes a prompt the first time a region contains it and answers exactly as eager
+mode, which decodes every prompt up front (docs/architecture.md, "Gallery: lazy and eager").
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from segment_anything.utils.amg import build_point_grid
+
+from esam_core.config import Config
+from esam_core.masks import greedy_nms, mask_areas, pairwise_intersection, pairwise_iou, to_cells
+from esam_core.types import Decoded, PromptBackend
+
+#: Index of the object-level and best-level mask in the per-prompt storage.
+OBJECT, BEST = 0, 1
+
+
+def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq.1 for a batch, keeping only what the gallery needs.
+
+    O = the largest-area output (first on equal areas, as mmg.sort_levels' stable sort), B = the
+    output with the highest predicted IoU. SAM's output index order is not trusted.
+
+    Returns:
+        masks: (N, 2, h, w) bool, O then B.
+        scores: (N, 2) float32, S^64O then S^64B.
+    """
+    fg = decoded.logits > 0  # (N, 3, h, w)
+    rows = torch.arange(fg.shape[0], device=fg.device)
+    o = fg.flatten(2).sum(-1).argmax(1)
+    b = decoded.iou.argmax(1)
+    masks = torch.stack([fg[rows, o], fg[rows, b]], 1)
+    scores = torch.stack([decoded.iou[rows, o], decoded.iou[rows, b]], 1).float()
+    return masks, scores
+
+
+class Gallery:
+    """Per-prompt O/B masks and scores of the ``gallery.points_per_side`` grid.
+
+    Storage is a preallocated (P, 2, h, w) bool tensor filled as prompts are decoded (never the
+    3 outputs' float logits of all prompts), plus (P, 2) scores and a ``decoded`` flag per prompt.
+
+    Attributes:
+        points: (P, 2) float64 prompt positions (x, y) in image pixels, AMG's grid order.
+        cells: (rows, cols), each (P,) int64, the prompts' working-grid cells.
+        lazy: decode prompts on first use (True) or all at construction (False).
+    """
+
+    def __init__(self, backend: PromptBackend, cfg: Config, lazy: bool | None = None) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self.lazy = bool(cfg["gallery.lazy"] if lazy is None else lazy)
+        hh, ww = backend.image_hw
+        h, w = backend.lowres_hw
+        self._hw = (h, w)
+        n = int(cfg["gallery.points_per_side"])
+        self.points = build_point_grid(n) * np.array([ww, hh], dtype=np.float64)
+        self.cells = to_cells(self.points, (hh, ww), (h, w))
+        dev = backend.device
+        self._rows = torch.as_tensor(self.cells[0], device=dev)
+        self._cols = torch.as_tensor(self.cells[1], device=dev)
+        p = len(self.points)
+        self._masks = torch.zeros((p, 2, h, w), dtype=torch.bool, device=dev)
+        self._scores = torch.zeros((p, 2), dtype=torch.float32, device=dev)
+        self.decoded = np.zeros(p, dtype=bool)
+        if not self.lazy:
+            self._ensure(np.arange(p))
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+    @property
+    def decoded_prompts(self) -> int:
+        """How many prompts have actually been decoded."""
+        return int(self.decoded.sum())
+
+    def _ensure(self, idx: np.ndarray) -> None:
+        """Decode the prompts of ``idx`` not decoded yet, ``model.points_per_batch`` at a time."""
+        todo = idx[~self.decoded[idx]]
+        batch = int(self.cfg["model.points_per_batch"])
+        for start in range(0, todo.size, batch):
+            part = todo[start:start + batch]
+            masks, scores = object_and_best(self.backend.decode_points(self.points[part]))
+            t = torch.as_tensor(part, device=self._masks.device)
+            self._masks[t] = masks
+            self._scores[t] = scores
+            self.decoded[part] = True
+
+    def _check(self, region: torch.Tensor, name: str = "region") -> None:
+        if region.dtype != torch.bool or tuple(region.shape) != self._hw:
+            raise ValueError(f"{name} must be a bool tensor of the working grid {self._hw}, got "
+                             f"{region.dtype} {tuple(region.shape)}")
+
+    def masks(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """O and B masks (n, 2, h, w) bool and scores (n, 2) of prompts ``idx`` (decoding them)."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        self._ensure(idx)
+        t = torch.as_tensor(idx, device=self._masks.device)
+        return self._masks[t], self._scores[t]
+
+    def prompts_in(self, region: torch.Tensor) -> np.ndarray:
+        """Sorted indices (n,) int64 of the prompts whose cell lies in ``region`` ((h, w) bool)."""
+        self._check(region)
+        return region[self._rows, self._cols].nonzero()[:, 0].cpu().numpy()
+
+    def nearest_prompt(self, region: torch.Tensor) -> int:
+        """The prompt whose cell is nearest (Euclidean, in cells) to a cell of a non-empty region;
+        the first in grid order on ties."""
+        self._check(region)
+        reg = region.cpu().numpy()
+        if not reg.any():
+            raise ValueError("nearest_prompt: the region is empty")
+        # Distance of every cell to the nearest region cell (region cells are the zeros).
+        dist = cv2.distanceTransform((~reg).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        return int(np.argmin(dist[self.cells[0], self.cells[1]]))
+
+    def guidance_for_prompts(self, idx: np.ndarray) -> tuple[torch.Tensor, float] | None:
+        """Eq.6 over the prompts ``idx``: the most frequent guidance mask (h, w) bool and its score.
+
+        Per prompt, G_p = its O mask if S_B − S_O < τ (``emr.tau``), else its B mask. With
+        ``gallery.nms`` the G_p are grouped greedily by descending score at IoU ≥ θ_O
+        (``mmg.theta_o``); without it only identical masks group. The group with the most prompts
+        wins (ties: the higher score) and its highest-score mask is returned. None if idx is empty.
+        """
+        idx = np.unique(np.asarray(idx, dtype=np.int64))
+        if idx.size == 0:
+            return None
+        masks, scores = self.masks(idx)
+        level = ((scores[:, BEST] - scores[:, OBJECT]) >= self.cfg["emr.tau"]).long()
+        rows = torch.arange(idx.size, device=masks.device)
+        guides, gscores = masks[rows, level], scores[rows, level]
+        if self.cfg["gallery.nms"]:
+            overlap, thr = pairwise_iou(guides), float(self.cfg["mmg.theta_o"])
+        else:  # identical masks: the intersection equals both areas
+            inter, area = pairwise_intersection(guides, guides), mask_areas(guides).float()
+            overlap = ((inter == area[:, None]) & (inter == area[None, :])).float()
+            thr = 1.0
+        keep, assign = greedy_nms(overlap, gscores, thr)
+        counts = np.bincount(assign.numpy(), minlength=idx.size)
+        # keep is in descending score order, so the first maximum breaks count ties by score.
+        kept = keep.numpy()
+        best = int(kept[int(np.argmax(counts[kept]))])
+        return guides[best], float(gscores[best])
+
+    def guidance_mask(self, region: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """Eq.6 for the prompts inside ``region`` ((h, w) bool); None if no prompt lies in it."""
+        return self.guidance_for_prompts(self.prompts_in(region))
+
+    def covering_mask(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        """Eq.8 match: a gallery mask that encompasses both (h, w) bool masks, or None.
+
+        Candidates are the O and B masks of the prompts inside a ∪ b. ``emr.gallery_match``:
+        ``cover_each`` = it covers ≥ ``emr.gallery_cover`` of a and of b; ``iou_union`` = its IoU
+        with a ∪ b is ≥ γ_O (``mmg.gamma_o``). Of several matches, the one with the highest IoU
+        with a ∪ b is returned.
+        """
+        self._check(a, "a")
+        self._check(b, "b")
+        union = a | b
+        idx = self.prompts_in(union)
+        if idx.size == 0 or not bool(a.any()) or not bool(b.any()):
+            return None
+        cand = self.masks(idx)[0].flatten(0, 1)  # (2n, h, w)
+        iou_u = pairwise_iou(cand, union[None])[:, 0]
+        if self.cfg["emr.gallery_match"] == "cover_each":
+            inter = pairwise_intersection(cand, torch.stack([a, b]))
+            share = inter / mask_areas(torch.stack([a, b])).float()[None, :]
+            ok = (share >= self.cfg["emr.gallery_cover"]).all(1)
+        else:
+            ok = iou_u >= self.cfg["mmg.gamma_o"]
+        if not bool(ok.any()):
+            return None
+        return cand[int(torch.where(ok, iou_u, -1.0).argmax())]
+
+    def covering(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether some gallery mask encompasses both a and b (``covering_mask`` is not None)."""
+        return self.covering_mask(a, b) is not None

@@ -1,0 +1,148 @@
+"""The 64-grid mask gallery: Eq.1 per prompt, Eq.6 guidance, Eq.8 covering, lazy == eager.
+
+Scenes are column bands on a 48×64 image with an 8×8 gallery grid: prompts sit at x = 4, 12, ...,
+60 and y = 3, 9, ..., 45, and with ``lowres_scale=1`` a cell is a pixel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from esam_core.config import Config
+from esam_core.gallery import Gallery
+from esam_core.scene import Scene, SceneBackend, random_scene
+
+H, W = 48, 64
+
+
+def band_scene(edges: list[int], **kw) -> Scene:
+    """Leaves 1, 2, ... = column bands [edges[k], edges[k+1]) over the full height."""
+    leaves = np.zeros((H, W), np.int32)
+    for k, (c0, c1) in enumerate(zip(edges[:-1], edges[1:]), start=1):
+        leaves[:, c0:c1] = k
+    return Scene(leaves=leaves, **kw)
+
+
+def cols(c0: int, c1: int) -> torch.Tensor:
+    m = torch.zeros(H, W, dtype=torch.bool)
+    m[:, c0:c1] = True
+    return m
+
+
+def config(**kw) -> Config:
+    values = {"gallery.points_per_side": 8, "model.points_per_batch": 16}
+    values.update({k.replace("__", "."): v for k, v in kw.items()})
+    return Config(values)
+
+
+def prompt_region(gallery: Gallery, xy: list[tuple[int, int]]) -> tuple[torch.Tensor, np.ndarray]:
+    """A region made of exactly the cells of the prompts at image positions ``xy``."""
+    idx = np.array(sorted(int(np.nonzero((gallery.points == (x + 0.0, y + 0.0)).all(1))[0][0])
+                          for x, y in xy))
+    region = torch.zeros(H, W, dtype=torch.bool)
+    region[gallery.cells[0][idx], gallery.cells[1][idx]] = True
+    return region, idx
+
+
+def test_eq1_and_tau_pick_object_or_best_mask():
+    # Leaf 1 (cols 0:24) is in group 10 with leaf 2: O = cols 0:40 (score 0.7), B = leaf 1 (0.99).
+    scene = band_scene([0, 24, 40, 64], parent={1: 10, 2: 10}, iou={1: (0.99, 0.7, 0.7)})
+    backend = SceneBackend(scene)
+    gallery = Gallery(backend, config(emr__tau=0.1))
+    region, idx = prompt_region(gallery, [(12, 21)])
+    masks, scores = gallery.masks(idx)
+    assert torch.equal(masks[0, 0], cols(0, 40)) and torch.equal(masks[0, 1], cols(0, 24))
+    assert scores[0].tolist() == pytest.approx([0.7, 0.99])
+    # S_B - S_O = 0.29 >= tau -> the best-level mask guides; a wider tolerance picks O.
+    g, s = gallery.guidance_mask(region)
+    assert torch.equal(g, cols(0, 24)) and s == pytest.approx(0.99)
+    gallery.cfg = config(emr__tau=0.3)
+    g, s = gallery.guidance_mask(region)
+    assert torch.equal(g, cols(0, 40)) and s == pytest.approx(0.7)
+
+
+def test_most_frequent_guidance_with_and_without_nms():
+    # Leaf 1 prompts guide with cols 0:36 (B, 0.99), leaf 2 prompts with cols 0:40 (O = B, 0.96):
+    # IoU 0.9 >= theta_O, one group under gallery.nms. Leaf 3 prompts guide with cols 40:64.
+    scene = band_scene([0, 36, 40, 64], parent={1: 10, 2: 10}, iou={1: (0.99, 0.6, 0.6)})
+    backend = SceneBackend(scene)
+    two_two_three = [(28, 3), (28, 9), (36, 3), (36, 9), (44, 3), (44, 9), (44, 15)]
+    on = Gallery(backend, config(gallery__nms=True))
+    region, idx = prompt_region(on, two_two_three)
+    assert np.array_equal(on.prompts_in(region), idx)
+    g, s = on.guidance_mask(region)  # group {0:36, 0:40} has 4 prompts > 3
+    assert torch.equal(g, cols(0, 36)) and s == pytest.approx(0.99)
+    off = Gallery(backend, config(gallery__nms=False))
+    g, _ = off.guidance_mask(region)  # identical masks only: 2, 2, 3
+    assert torch.equal(g, cols(40, 64))
+    tie, _ = prompt_region(off, two_two_three[:4])
+    g, s = off.guidance_mask(tie)  # 2 vs 2: the higher score wins
+    assert torch.equal(g, cols(0, 36)) and s == pytest.approx(0.99)
+
+
+def test_no_prompt_in_region_gives_none_and_nearest_prompt():
+    gallery = Gallery(SceneBackend(band_scene([0, 32, 64])), config())
+    region = torch.zeros(H, W, dtype=torch.bool)
+    region[20, 30] = True
+    assert gallery.prompts_in(region).size == 0
+    assert gallery.guidance_mask(region) is None
+    # Nearest prompt cell to (row 20, col 30) is (21, 28): sqrt(5) beats (21, 36), (15, 28), ...
+    assert tuple(gallery.points[gallery.nearest_prompt(region)]) == (28.0, 21.0)
+    with pytest.raises(ValueError, match="empty"):
+        gallery.nearest_prompt(torch.zeros(H, W, dtype=torch.bool))
+    with pytest.raises(ValueError, match="working grid"):
+        gallery.prompts_in(torch.zeros(H, W + 1, dtype=torch.bool))
+
+
+def test_covering_modes():
+    # a = cols 0:24 and b = cols 24:40 form group 10; c = cols 40:64 stands alone.
+    scene = band_scene([0, 24, 40, 64], parent={1: 10, 2: 10})
+    a, b, c = cols(0, 24), cols(24, 40), cols(40, 64)
+    each = Gallery(SceneBackend(scene), config())
+    union = Gallery(SceneBackend(scene), config(emr__gallery_match="iou_union"))
+    for g in (each, union):
+        assert g.covering(a, b)
+        assert torch.equal(g.covering_mask(a, b), cols(0, 40))
+        assert not g.covering(a, c)  # best IoU with a ∪ c is 0.5 < gamma_O, covers c 0 %
+    # cols 0:40 covers a fully but only 40 % of b ∪ c; its IoU with cols 0:64 is 0.625 >= 0.6.
+    assert not each.covering(a, b | c)
+    assert union.covering(a, b | c)
+    assert not each.covering(a, torch.zeros(H, W, dtype=torch.bool))
+
+
+class _RecordingBackend(SceneBackend):
+    """Records the size of every decoder call."""
+
+    def __init__(self, scene: Scene) -> None:
+        super().__init__(scene)
+        self.calls: list[int] = []
+
+    def decode_points(self, points_xy: np.ndarray):
+        self.calls.append(len(points_xy))
+        return super().decode_points(points_xy)
+
+
+def test_lazy_and_eager_answer_identically():
+    scene = random_scene(H, W, n_objects=6, seed=1)
+    lazy_backend, eager_backend = _RecordingBackend(scene), _RecordingBackend(scene)
+    lazy = Gallery(lazy_backend, config(), lazy=True)
+    eager = Gallery(eager_backend, config(), lazy=False)
+    assert lazy.decoded_prompts == 0 and lazy_backend.calls == []
+    assert eager.decoded_prompts == len(eager) == 64
+    assert max(eager_backend.calls) <= 16  # decoded in batches of model.points_per_batch
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        r0, c0 = rng.integers(0, H - 12), rng.integers(0, W - 16)
+        box = torch.zeros(H, W, dtype=torch.bool)
+        box[r0:r0 + 12, c0:c0 + 16] = True
+        other = torch.roll(box, shifts=(5, 9), dims=(0, 1))
+        assert np.array_equal(lazy.prompts_in(box), eager.prompts_in(box))
+        gl, ge = lazy.guidance_mask(box), eager.guidance_mask(box)
+        assert (gl is None) == (ge is None)
+        if gl is not None:
+            assert torch.equal(gl[0], ge[0]) and gl[1] == ge[1]
+        assert lazy.covering(box, other) == eager.covering(box, other)
+    assert 0 < lazy.decoded_prompts < eager.decoded_prompts
+    assert sum(lazy_backend.calls) == lazy.decoded_prompts  # no prompt decoded twice
