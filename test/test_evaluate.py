@@ -188,3 +188,94 @@ def test_ablation_table_layout():
     assert len(table) == 2 + 8 and len(set(ev.ABLATION_ROWS)) == 8
     assert [c.strip() for c in table[2].split("|")][:3] == ["–", "–", "–"]
     assert [c.strip() for c in table[-1].split("|")] == ["✓", "✓", "✓", "1.0", "2.0", "3.0"]
+
+
+class GroundTruthOracle:
+    """Answers each image with its own GT painted non-overlapping: isolates the eval plumbing."""
+
+    def __init__(self, gt: ev.GroundTruth, images_dir: Path) -> None:
+        from esam_core.labels import entities_from_label_map
+        from esam_core.types import EntitySegmentation
+
+        self.answers = {}
+        for img in gt.coco.dataset["images"]:
+            rgb = ev.read_rgb(ev.find_image(images_dir, img["file_name"]))
+            _, masks = gt_masks(gt, img["id"])
+            areas = masks.reshape(len(masks), -1).sum(1)
+            order = np.argsort(areas)  # id 1 = smallest, painted on top
+            label_map = ev.paint_nonoverlapping(masks[order], -areas[order].astype(float))
+            scores = [1.0 - 0.01 * i for i in range(len(masks))]
+            self.answers[rgb.tobytes()] = EntitySegmentation(
+                label_map.astype(np.uint16), entities_from_label_map(label_map, scores))
+
+    def segment(self, rgb: np.ndarray):
+        return self.answers[rgb.tobytes()]
+
+
+def test_evaluate_segmenter_plumbing_scores_one(gt, shared_data):
+    images_dir = shared_data / "images/voc_labelme"
+    result = ev.evaluate_segmenter(GroundTruthOracle(gt, images_dir), gt, images_dir)
+    assert result["evaluated"] == 3 and result["missing"] == [] and result["resized"] == []
+    assert result["stats"]["AP"] == pytest.approx(100.0)
+
+
+TINY_YAML = """model: {type: test_tiny}
+mmg: {points_per_side: 4}
+gallery: {points_per_side: 8}
+superpixel: {max_side: 256}
+"""
+
+
+def _subset(voc: dict, tmp_path: Path, keep: int) -> Path:
+    """The first ``keep`` images of the sample plus one image that is not on disk."""
+    sub = copy.deepcopy(voc)
+    sub["images"] = sub["images"][:keep] + [dict(sub["images"][0], id=77,
+                                                  file_name="JPEGImages/not_there.jpg")]
+    ids = {img["id"] for img in sub["images"]}
+    sub["annotations"] = [a for a in sub["annotations"] if a["image_id"] in ids]
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(sub))
+    (tmp_path / "tiny.yaml").write_text(TINY_YAML)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["esam", "amg"])
+def test_eval_cli_with_test_tiny(voc, shared_data, tmp_path, capsys, mode):
+    from esam_ros.cli import main
+
+    ann = _subset(voc, tmp_path, keep=1)
+    code = main(["eval", "--images", str(shared_data / "images/voc_labelme"), "--annotations",
+                 str(ann), "--config", str(tmp_path / "tiny.yaml"), "--mode", mode,
+                 "--out", str(tmp_path / "results.json")])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["rows"]
+    assert row["mode"] == mode and all(0.0 <= row[s] <= 100.0 for s in ("AP", "AP50", "AP75"))
+    assert results["images"]["evaluated"] == 1
+    assert results["images"]["missing"] == ["JPEGImages/not_there.jpg"]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split("|")[0].strip() == "mode" and "1 missing" in out
+
+
+def test_eval_ablation_rows(voc, shared_data, tmp_path, capsys):
+    from esam_ros.cli import main
+
+    ann = _subset(voc, tmp_path, keep=1)
+    code = main(["eval", "--images", str(shared_data / "images/voc_labelme"), "--annotations",
+                 str(ann), "--config", str(tmp_path / "tiny.yaml"), "--ablation",
+                 "--out", str(tmp_path / "results.json")])
+    assert code == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["mmg"], r["emr"], r["usr"]) for r in rows] == list(ev.ABLATION_ROWS)
+    assert {r["mode"] for r in rows} == {"esam"}
+    table = capsys.readouterr().out.splitlines()
+    assert [c.strip() for c in table[0].split("|")] == ["MMG", "EMR", "USR", "AP", "AP50", "AP75"]
+
+
+def test_eval_cli_errors(tmp_path, capsys):
+    from esam_ros.cli import main
+
+    (tmp_path / "tiny.yaml").write_text(TINY_YAML)
+    code = main(["eval", "--images", str(tmp_path), "--annotations", str(tmp_path / "no.json"),
+                 "--config", str(tmp_path / "tiny.yaml")])
+    assert code != 0 and "annotation file not found" in capsys.readouterr().err
