@@ -1,0 +1,248 @@
+"""EMR: entity-level mask refinement (paper §3.3, Eq.5–8; spec §5).
+
+Split (Eq.5–6): overlapping object masks are made disjoint; a small overlap goes to the smaller
+mask, a large one is divided by a guidance mask from the 64-grid gallery. Merge (Eq.7–8): adjacent
+pieces whose superpixel centroids look alike in SAM's feature space are fused when a gallery mask
+encompasses both. Everything runs on the working grid (h, w) of the backend.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from esam_core.config import Config
+from esam_core.gallery import Gallery
+from esam_core.masks import dilate, mask_areas, pairwise_intersection
+from esam_core.types import Entities, MaskSet
+
+#: Logit given to cells that ``gallery_union`` adds to an entity outside its SAM masks, so that
+#: painting (which keeps only positive logits) shows them.
+_ADDED_LOGIT = 1.0
+
+
+def _entities(own: torch.Tensor, masks: MaskSet, keep: torch.Tensor) -> Entities:
+    """Entities from the masks at ``keep`` ((M,) bool) with ownership ``own`` (M, h, w)."""
+    return Entities(own=own[keep], logits=masks.logits[keep], iou=masks.iou[keep],
+                    stability=masks.stability[keep])
+
+
+def entities_by_score(masks: MaskSet) -> Entities:
+    """The "EMR off" path: disjoint masks by painting, the higher predicted IoU winning each cell
+    (metrics.md's rule: paint by ascending score). Masks left empty are dropped; order kept."""
+    fg = masks.masks
+    m = fg.shape[0]
+    if m == 0:
+        return _entities(fg, masks, torch.zeros(0, dtype=torch.bool, device=fg.device))
+    order = torch.sort(masks.iou, descending=True, stable=True).indices
+    # rank_value[i] = M - rank(i): the best-ranked covering mask has the largest value in a cell.
+    value = torch.empty(m, dtype=torch.int32, device=fg.device)
+    value[order] = torch.arange(m, 0, -1, dtype=torch.int32, device=fg.device)
+    winner = (fg * value[:, None, None]).argmax(0)  # (h, w)
+    own = fg & (winner[None] == torch.arange(m, device=fg.device)[:, None, None])
+    return _entities(own, masks, own.flatten(1).any(1))
+
+
+def _rank(masks: torch.Tensor, scores: torch.Tensor, pair_order: str) -> torch.Tensor:
+    """(M,) indices, highest-ranked first: by descending score or ascending area."""
+    key = -scores.float() if pair_order == "score_desc" else mask_areas(masks).float()
+    return torch.sort(key, stable=True).indices
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 0.0
+
+
+def _drop_fragments(mask: torch.Tensor, min_cells: float) -> torch.Tensor:
+    """(h, w) bool without its 8-connected components smaller than ``min_cells``."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.cpu().numpy().astype(np.uint8),
+                                                           connectivity=8)
+    big = np.nonzero(stats[1:, cv2.CC_STAT_AREA] >= min_cells)[0] + 1
+    return torch.from_numpy(np.isin(labels, big)).to(mask.device)
+
+
+def split_overlaps(objects: MaskSet, gallery: Gallery, cfg: Config,
+                   image_area_cells: int | None = None) -> Entities:
+    """Eq.5–6: make the object masks disjoint (spec §5.1).
+
+    Pairs (p, q), p ranked above q (``emr.pair_order``), are visited on the current, already
+    carved masks. OR = p ∩ q; r = |OR| / max(|p|, |q|). If r < δ (``emr.delta``) the larger mask
+    loses OR (q on equal areas). Otherwise the gallery's guidance mask G of OR (Eq.6) divides it
+    (``emr.overlap_assign``): ``whole_to_best_iou`` gives OR to the mask with the larger IoU with
+    G (p on ties); ``split_by_guidance`` gives OR ∩ G to that mask and OR \\ G to the other. With no
+    prompt inside OR, ``emr.no_prompt_fallback`` carves from the larger mask (``carve_larger``) or
+    uses the guidance of the nearest prompt (``nearest_prompt``).
+
+    Only pairs that overlap initially can overlap later (carving only removes cells), so the
+    intersection matrix is computed once and only those pairs are visited.
+
+    Args:
+        objects: M object masks (the masks are ``logits > 0``) with scores.
+        image_area_cells: reference area for ``emr.min_fragment_frac`` (default h · w): carved
+            masks lose 8-connected fragments smaller than that fraction of it.
+
+    Returns:
+        Entities in input order, empty ones dropped; ``own`` = the carved masks, ``logits``,
+        ``iou`` and ``stability`` from ``objects``.
+    """
+    cur = objects.masks.clone()
+    m = cur.shape[0]
+    if m < 2:
+        return _entities(cur, objects, cur.flatten(1).any(1))
+    delta, assign = float(cfg["emr.delta"]), cfg["emr.overlap_assign"]
+    order = _rank(cur, objects.iou, cfg["emr.pair_order"])
+    inter = pairwise_intersection(cur, cur)[order][:, order]
+    pairs = torch.triu(inter > 0, diagonal=1).nonzero().cpu().numpy()  # rank order, row-major
+    order_np = order.cpu().numpy()
+    carved = np.zeros(m, dtype=bool)
+
+    def remove(i: int, cells: torch.Tensor) -> None:
+        cur[i] &= ~cells
+        carved[i] = True
+
+    for a, b in pairs:
+        p, q = int(order_np[a]), int(order_np[b])
+        overlap = cur[p] & cur[q]
+        n = int(overlap.sum())
+        if n == 0:
+            continue
+        ap, aq = int(cur[p].sum()), int(cur[q].sum())
+        larger = p if ap > aq else q
+        if n / max(ap, aq) < delta:  # Eq.5 minor overlap
+            remove(larger, overlap)
+            continue
+        guide = gallery.guidance_mask(overlap)  # Eq.6
+        if guide is None:
+            if cfg["emr.no_prompt_fallback"] == "carve_larger":
+                remove(larger, overlap)
+                continue
+            guide = gallery.guidance_for_prompts(np.array([gallery.nearest_prompt(overlap)]))
+        g = guide[0]
+        better, other = (p, q) if _iou(cur[p], g) >= _iou(cur[q], g) else (q, p)
+        if assign == "whole_to_best_iou":
+            remove(other, overlap)
+        else:  # split_by_guidance
+            remove(other, overlap & g)
+            remove(better, overlap & ~g)
+    frac = float(cfg["emr.min_fragment_frac"])
+    if frac > 0:
+        area = image_area_cells if image_area_cells is not None else cur.shape[1] * cur.shape[2]
+        for i in np.nonzero(carved)[0]:
+            cur[i] = _drop_fragments(cur[i], frac * area)
+    return _entities(cur, objects, cur.flatten(1).any(1))
+
+
+def adjacency(own: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) bool -> (N, N) bool: i and j touch (8-connected), diagonal False."""
+    touch = pairwise_intersection(dilate(own, 1), own) > 0
+    adj = touch | touch.T
+    adj.fill_diagonal_(False)
+    return adj
+
+
+def similarity_matrix(own: torch.Tensor, centroid_cells: tuple[np.ndarray, np.ndarray],
+                      features: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Eq.7: S_M(i, j) = mean over centroids c in entity i of |Top_k(c) ∩ C_j|.
+
+    A superpixel centroid belongs to the entity owning the cell of the centroid (to none if
+    unowned). Top_k is over all centroids by cosine similarity, excluding c itself.
+
+    Args:
+        own: (N, h, w) bool disjoint entities.
+        centroid_cells: (rows, cols), each (K,) int, the superpixel centroids' working cells.
+        features: (K, C) float features at the centroids (L2-normalised here again).
+        top_k: k.
+
+    Returns:
+        (N, N) float32, rows of entities without a centroid are 0. Range [0, k].
+    """
+    rows, cols = (torch.as_tensor(np.asarray(c), dtype=torch.long, device=own.device)
+                  for c in centroid_cells)
+    k_all = int(rows.shape[0])
+    if features.shape[0] != k_all or cols.shape[0] != k_all:
+        raise ValueError(f"similarity_matrix: {k_all} centroid rows, {cols.shape[0]} cols and "
+                         f"{features.shape[0]} feature rows must match")
+    n = own.shape[0]
+    k = min(int(top_k), k_all - 1)
+    if n == 0 or k < 1:
+        return torch.zeros(n, n, device=own.device)
+    a = own[:, rows, cols].T.float()  # (K, N) one-hot owner, or all zero
+    f = torch.nn.functional.normalize(features.float().to(own.device), dim=1)
+    sim = f @ f.T
+    sim.fill_diagonal_(float("-inf"))
+    top = sim.topk(k, dim=1).indices  # (K, k)
+    counts = a[top].sum(1)  # (K, N): neighbours of c in each entity
+    size = a.sum(0)  # |C_i|
+    return (a.T @ counts) / size.clamp(min=1.0)[:, None]
+
+
+def merge_entities(ents: Entities, gallery: Gallery,
+                   centroid_cells: tuple[np.ndarray, np.ndarray], features: torch.Tensor,
+                   cfg: Config) -> Entities:
+    """Eq.7–8: fuse pieces of one entity.
+
+    Candidates: pairs with max(S_M(i, j), S_M(j, i)) ≥ ``emr.sm_threshold`` that touch (if
+    ``emr.require_adjacent``); a candidate pair merges when the gallery holds a mask encompassing
+    both (``Gallery.covering_mask`` on the pieces as split). Chains merge transitively.
+    A merged entity owns the union of its pieces (``union_of_pieces``), plus, for
+    ``gallery_union``, the cells of its covering gallery masks that no entity owns; logits = max,
+    iou = max over members, stability of the max-iou member.
+
+    Returns:
+        Entities ordered by their first member's index (``ents`` itself when nothing merges).
+    """
+    n = len(ents)
+    if n < 2:
+        return ents
+    sm = similarity_matrix(ents.own, centroid_cells, features, cfg["emr.top_k"])
+    cand = torch.maximum(sm, sm.T) >= cfg["emr.sm_threshold"]
+    if cfg["emr.require_adjacent"]:
+        cand &= adjacency(ents.own)
+    pairs = torch.triu(cand, diagonal=1).nonzero().cpu().numpy()
+    merged: list[tuple[int, int]] = []
+    covers: list[tuple[int, torch.Tensor]] = []
+    for i, j in pairs:
+        g = gallery.covering_mask(ents.own[i], ents.own[j])  # Eq.8
+        if g is not None:
+            merged.append((int(i), int(j)))
+            covers.append((int(i), g))
+    if not merged:
+        return ents
+    ij = np.array(merged).T
+    graph = coo_matrix((np.ones(ij.shape[1]), (ij[0], ij[1])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    groups = sorted((np.nonzero(label == lab)[0] for lab in np.unique(label)),
+                    key=lambda g: int(g[0]))
+    own, logits, iou, stab = [], [], [], []
+    for members in groups:
+        t = torch.as_tensor(members, device=ents.own.device)
+        best = int(t[ents.iou[t].argmax()])
+        own.append(ents.own[t].any(0))
+        logits.append(ents.logits[t].amax(0))
+        iou.append(ents.iou[best])
+        stab.append(ents.stability[best])
+    out = Entities(own=torch.stack(own), logits=torch.stack(logits), iou=torch.stack(iou),
+                   stability=torch.stack(stab))
+    if cfg["emr.merged_mask"] == "gallery_union":
+        _add_gallery_cells(out, [label[i] for i, _ in covers], [g for _, g in covers],
+                           {int(label[g[0]]): k for k, g in enumerate(groups)})
+    return out
+
+
+def _add_gallery_cells(out: Entities, labels: list[int], masks: list[torch.Tensor],
+                       slot: dict[int, int]) -> None:
+    """``gallery_union``: give each merged entity the unowned cells of its covering gallery
+    masks, best score first, so the entities stay disjoint."""
+    free = ~out.own.any(0)
+    for k in torch.sort(out.iou, descending=True, stable=True).indices.tolist():
+        mine = [m for lab, m in zip(labels, masks) if slot[int(lab)] == k]
+        if not mine:
+            continue
+        add = torch.stack(mine).any(0) & free
+        out.own[k] |= add
+        out.logits[k] = torch.where(add, out.logits[k].clamp(min=_ADDED_LOGIT), out.logits[k])
+        free &= ~add
