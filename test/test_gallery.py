@@ -146,3 +146,31 @@ def test_lazy_and_eager_answer_identically():
         assert lazy.covering(box, other) == eager.covering(box, other)
     assert 0 < lazy.decoded_prompts < eager.decoded_prompts
     assert sum(lazy_backend.calls) == lazy.decoded_prompts  # no prompt decoded twice
+
+
+def test_real_sam_decoder_gallery_matches_eq1_and_lazy_equals_eager():
+    """Through segment-anything's decoder (random-weight test_tiny model): the stored O/B masks
+    are the largest-area and best-scored of the 3 outputs, and lazy answers as eager."""
+    from esam_core.backend import SamBackend
+
+    cfg = config(model__type="test_tiny")
+    backend = SamBackend(cfg)
+    backend.set_image(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8))
+    lazy, eager = Gallery(backend, cfg, lazy=True), Gallery(backend, cfg, lazy=False)
+    idx = np.array([0, 9, 27, 63])
+    decoded = backend.decode_points(eager.points[idx])
+    fg = decoded.logits > 0
+    masks, scores = eager.masks(idx)
+    for n in range(len(idx)):
+        areas = fg[n].flatten(1).sum(1)
+        assert int(masks[n, 0].sum()) == int(areas.max())
+        assert torch.equal(masks[n, 1], fg[n, int(decoded.iou[n].argmax())])
+        assert float(scores[n, 1]) == pytest.approx(float(decoded.iou[n].max()))
+    h, w = backend.lowres_hw
+    region = torch.zeros(h, w, dtype=torch.bool, device=backend.device)
+    region[: h // 2, : w // 3] = True
+    gl, ge = lazy.guidance_mask(region), eager.guidance_mask(region)
+    assert torch.equal(gl[0], ge[0]) and gl[1] == ge[1]
+    right = torch.roll(region, shifts=w // 3, dims=1)
+    assert lazy.covering(region, right) == eager.covering(region, right)
+    assert 0 < lazy.decoded_prompts < eager.decoded_prompts
