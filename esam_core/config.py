@@ -124,6 +124,22 @@ PARAMETERS: dict[str, Param] = {
                        "per-entity confidence"),
     "output.max_entities": _i(0, 0, 65535, "keep the top-N entities by score (0 = all)"),
     "output.min_area": _i(0, 0, 10**9, "drop entities smaller than this many pixels"),
+    # --- 3D from depth (esam_core.depth) -------------------------------------------------
+    "depth.enabled": _b(False, "pair colour frames with registered depth + camera_info"),
+    "depth.min_m": _f(0.1, 0.0, 1000.0, "depth readings below this (m) are invalid"),
+    "depth.max_m": _f(10.0, 0.0, 1000.0, "depth readings above this (m) are invalid"),
+    "depth.min_valid_pixels": _i(20, 1, 10**9, "fewer valid depth pixels: no position"),
+    "depth.min_valid_fraction": _f(0.1, 0.0, 1.0, "lower valid-depth fraction: no position"),
+    "depth.extent_percentile": _f(2.0, 0.0, 25.0, "percentile extrapolated to the extent"),
+    "depth.fence_k": _f(2.0, 0.0, 100.0, "drop depths this many spreads off the median"),
+    "depth.fence_margin": _f(0.05, 0.0, 10.0, "minimum depth fence half-width (m)"),
+    "depth.sync_tolerance_s": _f(0.02, 0.0, 10.0, "max colour/depth stamp difference (s)"),
+    "depth.sync_queue": _i(30, 1, 1000, "depth frames kept for pairing"),
+    # --- stable ids across frames (esam_core.tracking) ------------------------------------
+    "tracking.enabled": _b(True, "keep track_id stable across frames of one camera"),
+    "tracking.iou_threshold": _f(0.3, 0.01, 1.0, "min mask IoU to continue a track"),
+    "tracking.max_age": _i(5, 0, 10000, "frames an unmatched track survives"),
+    "tracking.max_distance_m": _f(0.5, 0.0, 1000.0, "max 3D centroid jump (m); 0 = no gate"),
 }
 
 
