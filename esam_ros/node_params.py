@@ -1,0 +1,126 @@
+"""esam_node parameters: E-SAM's ``PARAMETERS`` plus the node's own, declared with descriptors.
+
+Every parameter gets a ``ParameterDescriptor`` (description, range or choices, ``read_only`` when
+it cannot change while the node runs). Values are validated once more with the same rules as the
+CLI (``esam_core.config.validate_value``) so a parameter file means the same thing to both.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+from esam_core.config import PARAMETERS, ConfigError, Param, validate_value
+
+#: The node's own parameters (not read by the CLI); same schema as ``PARAMETERS``.
+NODE_PARAMETERS: dict[str, Param] = {
+    "cameras": Param([""], "camera namespaces: camera C reads C/image and publishes "
+                     "C/entities, C/entity_labels, C/entity_overlay ('' = the node's namespace)",
+                     dynamic=False),
+    "input_transport": Param("raw", "raw: sensor_msgs/Image on C/image; compressed: "
+                             "sensor_msgs/CompressedImage on C/image/compressed",
+                             choices=("raw", "compressed"), dynamic=False),
+    "qos.reliability": Param("best_effort", "input QoS reliability (must be compatible with "
+                             "the publisher)", choices=("best_effort", "reliable"), dynamic=False),
+    "qos.depth": Param(1, "input QoS keep-last depth", min=1, max=1000, dynamic=False),
+    "publish_overlay": Param(True, "publish C/entity_overlay (rgb8) when it has subscribers"),
+    "overlay_alpha": Param(0.5, "weight of the entity colours in the overlay", min=0.0, max=1.0),
+    "max_image_pixels": Param(2073600, "largest frame (width*height) processed as is; "
+                              "0 = no limit", min=0, max=10**9),
+    "oversize_policy": Param("downscale", "frames above max_image_pixels: downscale (outputs "
+                             "at the processed size) or refuse",
+                             choices=("downscale", "refuse")),
+    "diagnostics_period": Param(1.0, "seconds between /diagnostics messages", min=0.1,
+                                max=3600.0, dynamic=False),
+    "log_throttle_s": Param(5.0, "bad-frame warnings of one reason at most this often (s)",
+                            min=0.0, max=3600.0),
+}
+
+ALL_PARAMETERS: dict[str, Param] = {**PARAMETERS, **NODE_PARAMETERS}
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z_~][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def check_value(name: str, value: Any) -> Any:
+    """Validate one value of ``ALL_PARAMETERS[name]``; returns it (ints widened for floats).
+
+    Raises:
+        ConfigError: naming the parameter, the value and what is allowed.
+    """
+    if name in PARAMETERS:
+        return validate_value(name, value)
+    if name == "cameras":
+        cams = list(value)
+        bad = [c for c in cams if not isinstance(c, str) or (c and not _NAMESPACE_RE.match(c))]
+        if not cams or bad:
+            raise ConfigError(f"parameter 'cameras' = {cams!r}: expected a non-empty list of "
+                              f"relative namespaces like ['front', 'rear'] or ['']")
+        if len(set(cams)) != len(cams):
+            raise ConfigError(f"parameter 'cameras' = {cams!r}: names must be unique")
+        return cams
+    p = NODE_PARAMETERS[name]
+    if p.choices is not None and value not in p.choices:
+        raise ConfigError(f"parameter '{name}' = {value!r}: expected one of {list(p.choices)}")
+    if p.min is not None and not p.min <= value <= p.max:
+        raise ConfigError(f"parameter '{name}' = {value!r} is out of range [{p.min}, {p.max}]")
+    return value
+
+
+def descriptor(name: str, p: Param) -> ParameterDescriptor:
+    """The ROS descriptor of one parameter: description, range or choices, read-only flag."""
+    d = ParameterDescriptor(name=name, description=p.description, read_only=not p.dynamic)
+    if p.choices is not None:
+        d.additional_constraints = "one of: " + ", ".join(p.choices)
+    if p.min is not None and isinstance(p.default, float):
+        d.floating_point_range = [FloatingPointRange(from_value=float(p.min),
+                                                     to_value=float(p.max), step=0.0)]
+    elif p.min is not None and isinstance(p.default, int) and not isinstance(p.default, bool):
+        d.integer_range = [IntegerRange(from_value=int(p.min), to_value=int(p.max), step=0)]
+    return d
+
+
+def declare_all(node: Node) -> dict[str, Any]:
+    """Declare every parameter on ``node`` and return the validated values by dotted name.
+
+    Raises:
+        ConfigError: one line naming the first invalid parameter (wrong type, out of range,
+            not one of the choices), e.g. from the ``--params-file``.
+    """
+    values: dict[str, Any] = {}
+    for name, p in ALL_PARAMETERS.items():
+        default = list(p.default) if isinstance(p.default, (list, tuple)) else p.default
+        try:
+            param = node.declare_parameter(name, default, descriptor(name, p))
+        except InvalidParameterTypeException as exc:
+            text = str(exc).removesuffix(f": {name}")
+            hint = " (write floats with a decimal point: 1.0)" if "'INTEGER'" in text else ""
+            raise ConfigError(f"parameter '{name}': {text}{hint}") from None
+        except InvalidParameterValueException as exc:
+            text = str(exc).removesuffix(f": {name}")
+            raise ConfigError(f"parameter '{name}': {text.partition('Reason: ')[2] or text}") \
+                from None
+        values[name] = check_value(name, param.value)
+    return values
+
+
+def undeclared_overrides(node: Node) -> list[str]:
+    """Names given to the node (e.g. in its parameter file) that it does not know: likely typos."""
+    overrides = getattr(node, "_parameter_overrides", {})  # rclpy has no public accessor
+    return sorted(n for n in overrides if not node.has_parameter(n) and not n.startswith("qos_"))
+
+
+def changes_from(params: list[Parameter]) -> dict[str, Any]:
+    """Validate a set-parameters request; returns ``{name: value}`` or raises ConfigError."""
+    changes: dict[str, Any] = {}
+    for param in params:
+        if param.name not in ALL_PARAMETERS:
+            continue  # use_sim_time and other parameters rclpy declares itself
+        if not ALL_PARAMETERS[param.name].dynamic:
+            raise ConfigError(f"parameter '{param.name}' is read-only while the node runs")
+        changes[param.name] = check_value(param.name, param.value)
+    return changes

@@ -1,0 +1,137 @@
+"""esam_node health numbers and their /diagnostics message.
+
+Counters are written by the subscription callbacks and the worker thread, and read by the
+diagnostics timer, so every access takes one lock. Latency is receive -> publish measured with
+``time.perf_counter`` in this process: never header stamps (bag stamps can be months old) and never
+the node clock (it becomes sim time during replay).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+_LATENCY_WINDOW = 200  # latest latencies kept for the percentiles
+
+
+class CameraStats:
+    """Counters of one camera (totals since start)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.published = 0
+        self.dropped = 0
+        self.downscaled = 0
+        self.bad: collections.Counter[str] = collections.Counter()
+        self.latency_s: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
+        # Totals at the previous report, for the rates.
+        self._last = (0, 0, 0)
+
+
+class NodeStats:
+    """Thread-safe counters, latencies and stage times of all cameras."""
+
+    def __init__(self, cameras: list[str]) -> None:
+        self._lock = threading.Lock()
+        self.cameras = {c: CameraStats() for c in cameras}
+        self.stage_s: dict[str, float] = {}  # exponential moving average per stage
+        self._last_report = time.perf_counter()
+
+    def received(self, cam: str, replaced_unprocessed: bool) -> None:
+        with self._lock:
+            s = self.cameras[cam]
+            s.received += 1
+            s.dropped += int(replaced_unprocessed)
+
+    def downscaled(self, cam: str) -> None:
+        with self._lock:
+            self.cameras[cam].downscaled += 1
+
+    def bad_frame(self, cam: str, reason: str) -> int:
+        """Count a refused frame; returns the new total for this reason."""
+        with self._lock:
+            self.cameras[cam].bad[reason] += 1
+            return self.cameras[cam].bad[reason]
+
+    def published(self, cam: str, latency_s: float, stages: dict[str, float]) -> None:
+        with self._lock:
+            s = self.cameras[cam]
+            s.published += 1
+            s.latency_s.append(latency_s)
+            for k, v in stages.items():
+                old = self.stage_s.get(k)
+                self.stage_s[k] = v if old is None else 0.8 * old + 0.2 * v
+
+    def snapshot(self, cam: str) -> dict[str, object]:
+        """Totals of one camera (for tests and the benchmark)."""
+        with self._lock:
+            s = self.cameras[cam]
+            return dict(received=s.received, published=s.published, dropped=s.dropped,
+                        downscaled=s.downscaled, bad=dict(s.bad), latency_s=list(s.latency_s))
+
+    def diagnostics(self, node_name: str, device: str, stamp) -> DiagnosticArray:
+        """One DiagnosticStatus per camera plus one for the model; resets the rate window."""
+        now = time.perf_counter()
+        with self._lock:
+            dt = max(now - self._last_report, 1e-6)
+            self._last_report = now
+            msg = DiagnosticArray()
+            msg.header.stamp = stamp
+            for cam, s in self.cameras.items():
+                msg.status.append(self._camera_status(node_name, cam, s, dt))
+            msg.status.append(self._model_status(node_name, device))
+        return msg
+
+    def _camera_status(self, node: str, cam: str, s: CameraStats, dt: float) -> DiagnosticStatus:
+        received, published, bad = s.received, s.published, sum(s.bad.values())
+        new_bad = bad - s._last[2]
+        values = {
+            "input rate (Hz)": f"{(received - s._last[0]) / dt:.2f}",
+            "output rate (Hz)": f"{(published - s._last[1]) / dt:.2f}",
+            "received": str(received),
+            "published": str(published),
+            "dropped": str(s.dropped),
+            "downscaled": str(s.downscaled),
+            "bad frames": str(bad),
+        }
+        values.update({f"bad: {r}": str(n) for r, n in sorted(s.bad.items())})
+        if s.latency_s:
+            p50, p95 = np.percentile(np.asarray(s.latency_s) * 1000.0, [50, 95])
+            values["latency p50 (ms)"] = f"{p50:.1f}"
+            values["latency p95 (ms)"] = f"{p95:.1f}"
+        s._last = (received, published, bad)
+        level, text = DiagnosticStatus.OK, "ok"
+        if new_bad:
+            level, text = DiagnosticStatus.WARN, f"{new_bad} bad frame(s) in the last period"
+        elif received == 0:
+            text = "no frames received yet"
+        return _status(f"{node}: camera '{cam or '/'}'", level, text, values)
+
+    def _model_status(self, node: str, device: str) -> DiagnosticStatus:
+        values = {"device": device, "memory (MB)": f"{memory_mb(device):.1f}"}
+        values.update({f"stage {k} (ms)": f"{v * 1000.0:.2f}" for k, v in self.stage_s.items()})
+        return _status(f"{node}: model", DiagnosticStatus.OK, "ok", values)
+
+
+def memory_mb(device: str) -> float:
+    """CUDA memory allocated by torch on a cuda device, else the process resident set size."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.memory_allocated(torch.device(device)) / 2**20
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource  # peak, not current, but better than nothing off Linux
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _status(name: str, level: bytes, message: str, values: dict[str, str]) -> DiagnosticStatus:
+    return DiagnosticStatus(level=level, name=name, message=message, hardware_id="esam_ros",
+                            values=[KeyValue(key=k, value=v) for k, v in values.items()])
