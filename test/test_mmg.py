@@ -125,6 +125,22 @@ def test_eq2_object_mask_without_a_matching_best_mask_is_dropped() -> None:
     assert len(nb.objects) == 1
 
 
+def test_eq2_own_best_mask_counts_even_when_best_level_nms_removed_it() -> None:
+    # X(90) = c ∪ a with c = part Y of prompt C (its best, 0.97); prompt A's object X is its own
+    # best (0.95). With theta_O = 0.5 the best-level NMS lets Y suppress X (IoU 0.7), yet X is
+    # kept: a self-match has IoU 1 >= gamma_O = 0.9.
+    scene, backend = scene_of((40, 48), {1: (4, 32, 4, 32), 2: (4, 32, 32, 44)},
+                              {1: 80, 80: 90, 2: 90},
+                              {1: (0.50, 0.97, 0.60), 2: (0.50, 0.50, 0.95)})
+    lv = sort_levels(backend.decode_points(np.array([[10.0, 10.0], [38.0, 10.0]])))
+    assert lv.object_is_best.tolist() == [False, True]
+    cfg = OFF.updated({"mmg.theta_o": 0.5, "mmg.gamma_o": 0.9})
+    res = run_mmg(lv, torch.zeros(40, 48), cfg)
+    assert res.counts["best_nms"] == 1
+    assert len(res.objects) == 1 and torch.equal(res.objects.masks[0], node(scene, 90))
+    assert float(res.objects.iou[0]) == pytest.approx(0.95)
+
+
 def nested_parts_scene() -> tuple[Scene, SceneBackend]:
     # Pa(50) = Pb(40) ∪ a; Pb = {b1, b2}; IoU(Pb, Pa) = 1024 / 1280 = 0.8 >= base 0.7.
     return scene_of((48, 96), {1: (8, 40, 8, 24), 2: (8, 40, 24, 40), 3: (8, 40, 40, 48),
