@@ -1,0 +1,103 @@
+"""Start esam_node: ``ros2 launch esam_ros esam.launch.py image:=/camera/image_raw``.
+
+Arguments (``ros2 launch esam_ros esam.launch.py --show-args``):
+    params_file      parameter file (default: the installed config/esam.yaml)
+    image            input topic remap (the node subscribes to the relative name ``image``)
+    namespace        namespace of the node and its outputs (entities, entity_labels, ...)
+    device           model.device override: auto | cpu | cuda | cuda:N ('' = as in params_file)
+    use_sim_time     true while replaying a bag with --clock
+    input_transport  raw | compressed ('' = as in params_file); compressed reads <image>/compressed
+
+The node command is built by ``node_ros_args`` (no launch import), so tests run exactly the same
+``esam_node --ros-args ...`` where launch_ros is not installed. The model loads before the node
+reports ready; a missing checkpoint stops it with the path tried and how to fetch the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import yaml
+
+NODE_NAME = "esam_node"
+
+
+def params_file_for(params_file: str, namespace: str) -> str:
+    """The parameter file to pass for ``namespace``.
+
+    A ``esam_node:`` section only matches the node ``/esam_node``; in a namespace the section is
+    copied under ``/**`` (the node is alone in its process) into a temporary file.
+    """
+    if not namespace.strip("/"):
+        return params_file
+    with open(params_file) as f:
+        doc = yaml.safe_load(f)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{params_file}: expected a ROS 2 parameter file")
+    section = next((doc[k] for k in (NODE_NAME, f"/{NODE_NAME}", "/**") if k in doc), None)
+    if not isinstance(section, dict) or "ros__parameters" not in section:
+        raise ValueError(f"{params_file}: no '{NODE_NAME}:' or '/**:' ros__parameters section")
+    fd, path = tempfile.mkstemp(prefix="esam_params_", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump({"/**": section}, f)
+    return path
+
+
+def node_ros_args(params_file: str, image: str = "", namespace: str = "", device: str = "",
+                  use_sim_time: bool = False, input_transport: str = "") -> list[str]:
+    """Arguments after ``esam_node --ros-args`` (the node name and namespace excepted)."""
+    args = ["--params-file", params_file_for(params_file, namespace)]
+    if image:
+        # Remap rules match whole names: the compressed subscription needs its own rule.
+        args += ["-r", f"image:={image}", "-r", f"image/compressed:={image}/compressed"] \
+            if input_transport == "compressed" else ["-r", f"image:={image}"]
+    if device:
+        args += ["-p", f"model.device:={device}"]
+    if input_transport:
+        args += ["-p", f"input_transport:={input_transport}"]
+    if use_sim_time:
+        args += ["-p", "use_sim_time:=true"]
+    return args
+
+
+def _launch_setup(context, *_, **__):
+    from launch.substitutions import LaunchConfiguration
+    from launch_ros.actions import Node
+
+    def arg(name: str) -> str:
+        return LaunchConfiguration(name).perform(context)
+
+    namespace = arg("namespace")
+    ros_args = node_ros_args(arg("params_file"), arg("image"), namespace, arg("device"),
+                             arg("use_sim_time").lower() == "true", arg("input_transport"))
+    return [Node(package="esam_ros", executable="esam_node", name=NODE_NAME,
+                 namespace=namespace, arguments=["--ros-args", *ros_args], output="screen",
+                 emulate_tty=True)]
+
+
+def generate_launch_description():
+    from ament_index_python.packages import get_package_share_directory
+    from launch.actions import DeclareLaunchArgument, OpaqueFunction
+
+    from launch import LaunchDescription
+
+    default_params = os.path.join(get_package_share_directory("esam_ros"), "config", "esam.yaml")
+    return LaunchDescription([
+        DeclareLaunchArgument("params_file", default_value=default_params,
+                              description="E-SAM parameter file (ROS 2 params YAML)"),
+        DeclareLaunchArgument("image", default_value="",
+                              description="input image topic (remaps 'image'); '' = no remap"),
+        DeclareLaunchArgument("namespace", default_value="",
+                              description="namespace of the node and its topics"),
+        DeclareLaunchArgument("device", default_value="",
+                              description="model.device: auto, cpu, cuda, cuda:N "
+                                          "('' = as in params_file)"),
+        DeclareLaunchArgument("use_sim_time", default_value="false",
+                              choices=["true", "false"], description="use /clock time"),
+        DeclareLaunchArgument("input_transport", default_value="",
+                              choices=["", "raw", "compressed"],
+                              description="raw Image or CompressedImage ('' = as in "
+                                          "params_file)"),
+        OpaqueFunction(function=_launch_setup),
+    ])
