@@ -56,7 +56,8 @@ class MaskSet:
 
     def select(self, index: torch.Tensor | np.ndarray | list[int]) -> MaskSet:
         """The subset at ``index`` (int indices or a bool mask), in that order."""
-        idx = torch.as_tensor(np.asarray(index), device=self.logits.device)
+        idx = (index.to(self.logits.device) if isinstance(index, torch.Tensor)
+               else torch.as_tensor(np.asarray(index), device=self.logits.device))
         if idx.dtype == torch.bool:
             idx = idx.nonzero()[:, 0]
         idx = idx.long()
