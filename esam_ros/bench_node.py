@@ -1,0 +1,185 @@
+"""Node overhead benchmark: ``python -m esam_ros.bench_node [--frames 50] [--config FILE]``.
+
+Prints the time the ROS shell adds per frame at 640x480 (target: <= 10 ms): decoding each input
+encoding, building the EntityArray, label and overlay images, and publishing; then the end-to-end
+latency through a real EsamNode over DDS (publish -> entities received, and the node's own
+receive -> publish). Without ``--config`` the node gets a segmenter that returns a precomputed
+result instantly, so the latency is the node's overhead alone; with ``--config`` it runs E-SAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cv2
+import numpy as np
+
+from esam_core.labels import entities_from_label_map
+from esam_core.types import EntitySegmentation
+from esam_ros import conversions
+
+
+def blocks_label_map(h: int, w: int, n: int) -> np.ndarray:
+    """(H, W) uint16 map of about ``n`` rectangular entities, with a 0 border (background)."""
+    cols = int(np.ceil(np.sqrt(n * w / h)))
+    rows = int(np.ceil(n / cols))
+    ys, xs = np.mgrid[0:h, 0:w]
+    labels = (ys * rows // h) * cols + xs * cols // w + 1
+    labels[labels > n] = 0
+    labels[:4], labels[:, :4] = 0, 0
+    return labels.astype(np.uint16)
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    """(median, p95) of ``fn`` in milliseconds."""
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.median(samples)), float(np.percentile(samples, 95))
+
+
+class Precomputed:
+    """A segmenter that answers instantly with a fixed result (isolates the node's own cost)."""
+
+    device = "cpu"
+
+    def __init__(self, result: EntitySegmentation) -> None:
+        self.result = result
+
+    def segment(self, rgb: np.ndarray) -> EntitySegmentation:
+        return self.result
+
+    def set_config(self, cfg: Any) -> None:
+        pass
+
+
+def stage_benchmarks(h: int, w: int, n: int, repeat: int) -> dict[str, tuple[float, float]]:
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from esam_ros.esam_node import _image, entity_array
+
+    rng = np.random.default_rng(0)
+    rgb = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (9, 9), 3)
+    labels = blocks_label_map(h, w, n)
+    result = EntitySegmentation(labels, entities_from_label_map(labels, [0.9] * n))
+    out: dict[str, tuple[float, float]] = {}
+    for enc, pixels in (("rgb8", rgb), ("bgr8", rgb[:, :, ::-1]), ("mono8", rgb[:, :, 0]),
+                        ("bgra8", np.dstack([rgb, rgb[:, :, :1]]))):
+        pixels = np.ascontiguousarray(pixels)
+        msg = Image(height=h, width=w, encoding=enc, step=pixels.strides[0])
+        msg.data = array.array("B", pixels.tobytes())
+        out[f"decode {enc}"] = timed(lambda m=msg: conversions.image_to_rgb(m), repeat)
+    for ext in (".jpg", ".png"):
+        cmsg = CompressedImage(format=ext[1:])
+        cmsg.data = array.array("B", cv2.imencode(ext, rgb)[1].tobytes())
+        out[f"decode {ext[1:]}"] = timed(lambda m=cmsg: conversions.compressed_to_rgb(m), repeat)
+    header = Image().header
+    out[f"EntityArray ({n} entities)"] = timed(lambda: entity_array(header, result), repeat)
+    out["label image (mono16)"] = timed(
+        lambda: _image(header, conversions.label_image_fields(labels)), repeat)
+    out["overlay image (rgb8)"] = timed(lambda: _image(header, conversions.rgb_image_fields(
+        conversions.overlay_image(rgb, labels))), repeat)
+    big = cv2.resize(rgb, (1920, 1440))
+    out["downscale 1920x1440 -> 0.3 MP"] = timed(
+        lambda: conversions.fit_max_pixels(big, h * w), repeat)
+    return out
+
+
+def end_to_end(h: int, w: int, n: int, frames: int, config: str | None) -> dict[str, Any]:
+    """Publish ``frames`` frames one at a time through a real EsamNode; latencies in ms."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from esam_ros.esam_node import EsamNode
+    from esam_ros.msg import EntityArray
+
+    context = Context()
+    args = ["--ros-args", "--params-file", config] if config else None
+    rclpy.init(context=context, args=args)
+    labels = blocks_label_map(h, w, n)
+    seg = None if config else Precomputed(
+        EntitySegmentation(labels, entities_from_label_map(labels, [0.9] * n)))
+    node = EsamNode(segmenter=seg, context=context, parameter_overrides=[
+        Parameter("qos.reliability", value="reliable")])
+    client = rclpy.create_node("bench_client", context=context)
+    qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+    arrived = threading.Event()
+    received: dict[int, float] = {}
+
+    def on_entities(msg: EntityArray) -> None:
+        received[msg.header.stamp.nanosec] = time.perf_counter()
+        arrived.set()
+
+    client.create_subscription(EntityArray, "entities", on_entities, qos)
+    pub = client.create_publisher(Image, "image", qos)
+    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    executor.add_node(node)
+    executor.add_node(client)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    rgb = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    deadline = time.monotonic() + 20.0
+    while pub.get_subscription_count() == 0 or client.count_publishers("entities") == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the node and the benchmark client did not discover each other")
+        time.sleep(0.05)
+    sent: dict[int, float] = {}
+    for i in range(frames + 3):  # three warm-up frames
+        msg = Image(height=h, width=w, encoding="rgb8", step=3 * w)
+        msg.data = array.array("B", rgb.tobytes())
+        msg.header.stamp.nanosec = i
+        arrived.clear()
+        sent[i] = time.perf_counter()
+        pub.publish(msg)
+        arrived.wait(timeout=120.0)
+    stats = node.stats.snapshot("")
+    executor.shutdown()
+    node.destroy_node()
+    client.destroy_node()
+    rclpy.shutdown(context=context)
+    lat = [(received[i] - sent[i]) * 1000.0 for i in range(3, frames + 3) if i in received]
+    node_lat = np.asarray(stats["latency_s"][3:]) * 1000.0
+    return dict(frames=len(lat), e2e=(np.median(lat), np.percentile(lat, 95)),
+                node=(np.median(node_lat), np.percentile(node_lat, 95)),
+                dropped=stats["dropped"], stage_s=dict(node.stats.stage_s))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m esam_ros.bench_node",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--entities", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=30, help="repeats per stage")
+    parser.add_argument("--frames", type=int, default=30, help="end-to-end frames")
+    parser.add_argument("--config", help="run real E-SAM from this params file")
+    a = parser.parse_args(argv)
+    h, w, n = a.height, a.width, a.entities
+    print(f"node stages at {w}x{h}, {n} entities (ms, median / p95):")
+    for name, (med, p95) in stage_benchmarks(h, w, n, a.repeat).items():
+        print(f"  {name:32s} {med:8.2f} {p95:8.2f}")
+    r = end_to_end(h, w, n, a.frames, a.config)
+    what = f"E-SAM from {a.config}" if a.config else "instant segmenter: node overhead only"
+    print(f"end to end over DDS, {r['frames']} frames, {what} (ms, median / p95):")
+    print(f"  {'publish -> entities received':32s} {r['e2e'][0]:8.2f} {r['e2e'][1]:8.2f}")
+    print(f"  {'node receive -> publish':32s} {r['node'][0]:8.2f} {r['node'][1]:8.2f}")
+    print("  node stage averages (ms): " + ", ".join(
+        f"{k} {v * 1000:.2f}" for k, v in r["stage_s"].items()))
+    print(f"  dropped frames: {r['dropped']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
