@@ -30,7 +30,7 @@ from geometry_msgs.msg import Point, Vector3
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import QoSPolicyKind, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
 
 from esam_core.config import PARAMETERS, Config, ConfigError
@@ -82,6 +82,7 @@ class EsamNode(Node):
             raise
 
     def _setup(self, segmenter: Any) -> None:
+        injected = segmenter
         self.params = declare_all(self)
         for name in undeclared_overrides(self):
             self.get_logger().warning(f"unknown parameter '{name}' ignored (typo?)")
@@ -99,6 +100,7 @@ class EsamNode(Node):
             segmenter = EntitySegmenter(self._cfg)
         self.segmenter = segmenter
         self.device = str(segmenter.device)
+        model = self._cfg["model.type"] if injected is None else type(injected).__name__
         self.cameras = {c: CameraState(c) for c in self.params["cameras"]}
         self.stats = NodeStats(list(self.cameras))
         self._create_io()
@@ -108,7 +110,7 @@ class EsamNode(Node):
         self._worker = threading.Thread(target=self._work, name="esam_worker", daemon=True)
         self._worker.start()
         self.get_logger().info(
-            f"ready: model {self._cfg['model.type']} on {self.device}, cameras "
+            f"ready: model {model} on {self.device}, cameras "
             f"{[c or '/' for c in self.cameras]}, input {self.params['input_transport']}, "
             f"QoS {self.params['qos.reliability']} depth {self.params['qos.depth']}")
 
@@ -143,15 +145,10 @@ class EsamNode(Node):
         self.stats.received(cam.name, replaced)
 
     def _on_incompatible_qos(self, cam: CameraState, topic: str, event: Any) -> None:
-        if cam.qos_warned:
+        if cam.qos_warned:  # once: the event repeats for every matching attempt
             return
         cam.qos_warned = True
-        try:
-            from rclpy.qos import qos_policy_name_from_kind
-
-            policy = qos_policy_name_from_kind(event.last_policy_kind)
-        except Exception:  # naming the policy is a nicety, never a reason to fail
-            policy = str(event.last_policy_kind)
+        policy = QoSPolicyKind(event.last_policy_kind).name
         self.get_logger().error(
             f"'{self.resolve_topic_name(topic)}': a publisher offers QoS incompatible with this "
             f"subscription ({policy}); no frames will arrive. Fix: set parameter "
@@ -323,14 +320,11 @@ def main(args: list[str] | None = None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except ConfigError as exc:
+    except ConfigError as exc:  # one line naming the parameter
         logger.fatal(f"invalid configuration: {exc}")
         code = 1
-    except CheckpointError as exc:  # its message says which path was tried and how to get it
-        logger.fatal(str(exc))
-        code = 1
-    except ValueError as exc:  # e.g. model.device cuda without CUDA
-        logger.fatal(" ".join(str(exc).split()))
+    except (CheckpointError, ValueError) as exc:  # missing weights (path, how to get them),
+        logger.fatal(str(exc))  # or an unusable model.device
         code = 1
     except Exception:
         logger.fatal(f"unexpected error while starting or running:\n{traceback.format_exc()}")

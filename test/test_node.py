@@ -7,6 +7,7 @@ plus once for compressed input; the tests run in file order against it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -443,9 +444,20 @@ def test_compressed_jpeg_png_and_bad_data(compressed: Harness) -> None:
     check_outputs(sent, *compressed.send("", sent), (48, 64))
 
 
-def _run_node(args: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
+def _run_node(args: list[str], cwd: Path = REPO, env: dict[str, str] | None = None,
+              timeout: float = 120.0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "esam_ros.esam_node", "--ros-args", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def test_missing_checkpoint_is_fatal_with_path_and_fix(tmp_path: Path) -> None:
+    env = {**os.environ, "ESAM_WEIGHTS_DIR": str(tmp_path / "weights")}
+    proc = _run_node(["--params-file", str(CONFIG_DIR / "esam.yaml")], cwd=tmp_path, env=env)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode == 1, out
+    assert str(tmp_path / "weights" / "sam_vit_h_4b8939.pth") in out
+    assert "download-weights" in out and "FATAL" in out and "Traceback" not in out
+    assert "ready" not in out
 
 
 @pytest.mark.parametrize("line, words", [
