@@ -342,6 +342,32 @@ def test_exception_inside_esam_is_counted(raw: Harness) -> None:
         raw.esam.segmenter = real
 
 
+def test_parameters_answer_while_inference_runs(raw: Harness) -> None:
+    """The worker is inside segment() (held there by the test): services still answer."""
+    real = raw.esam.segmenter
+    entered, release = threading.Event(), threading.Event()
+
+    class Held:
+        def segment(self, rgb: np.ndarray) -> Any:
+            entered.set()
+            release.wait(timeout=60.0)
+            return real.segment(rgb)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    raw.esam.segmenter = Held()
+    try:
+        raw.pubs["cam_a"].publish(image_msg(scene(), "rgb8", "held"))
+        assert entered.wait(timeout=30.0), "the frame never reached the segmenter"
+        (ok,) = set_params(raw, {"overlay_alpha": 0.25})
+        assert ok.successful and not release.is_set()  # answered while inference was blocked
+    finally:
+        release.set()
+        raw.esam.segmenter = real
+    assert raw.esam.get_parameter("overlay_alpha").value == 0.25
+
+
 def test_diagnostics_content(raw: Harness) -> None:
     for key in ("input rate (Hz)", "output rate (Hz)", "dropped", "latency p50 (ms)",
                 "latency p95 (ms)"):
