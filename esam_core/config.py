@@ -232,8 +232,8 @@ class Config:
 def read_parameter_file(path: str | Path, node_name: str = NODE_NAME) -> dict[str, Any]:
     """Read a ROS 2 params file (or a bare mapping) into a flat ``{dotted key: value}`` dict.
 
-    Looks for ``node_name`` then ``/**`` under the top level; all keys are returned, including ones
-    that are not E-SAM parameters (the node's own).
+    Looks for ``node_name`` (also as ``/node_name`` or ``/**/node_name``), then ``/**``. All keys
+    are returned, including ones that are not E-SAM parameters (the node's own).
 
     Raises:
         ConfigError: the file is missing, is not YAML, or has no parameters mapping.
@@ -247,7 +247,7 @@ def read_parameter_file(path: str | Path, node_name: str = NODE_NAME) -> dict[st
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    for name in (node_name, f"/{node_name}", "/**"):
+    for name in (node_name, f"/{node_name}", f"/**/{node_name}", "/**"):
         section = doc.get(name)
         if isinstance(section, dict) and isinstance(section.get("ros__parameters"), dict):
             return flatten(section["ros__parameters"])

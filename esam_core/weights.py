@@ -182,8 +182,8 @@ def checkpoint_candidates(checkpoint: str, model_type: str) -> list[Path]:
     """Where ``model.checkpoint`` may be, in search order.
 
     Absolute: itself. Relative: ``$ESAM_WEIGHTS_DIR/<path>``, the ``esam_ros`` share directory
-    (when ament_index_python knows it), then the working directory. Empty: the official file name,
-    searched the same way plus ``./weights/`` (where ``esam download-weights`` puts it).
+    (when ament_index_python knows it), the working directory, then ``./weights/``. Empty: the
+    official file name, searched the same way.
     """
     path = Path(checkpoint).expanduser()
     if checkpoint and path.is_absolute():
@@ -197,12 +197,12 @@ def checkpoint_candidates(checkpoint: str, model_type: str) -> list[Path]:
         roots.append(Path(get_package_share_directory("esam_ros")))
     except (ImportError, LookupError, OSError, ValueError):  # not installed, or no ROS env
         pass
-    roots.append(Path.cwd())
+    # ./weights/ is where `esam download-weights` (and `make weights`) put the files.
+    roots += [Path.cwd(), Path.cwd() / "weights"]
     if not checkpoint:
         if model_type not in CHECKPOINTS:
             return []
         path = Path(CHECKPOINTS[model_type].filename)
-        roots.append(Path.cwd() / "weights")
     return [root / path for root in roots]
 
 
