@@ -1,8 +1,10 @@
 """`esam replay`: run E-SAM offline on every image of a bag and write the results to a new bag.
 
-Deterministic (frames in bag order, one at a time, no dropping), so same bag and config give the
-same output bag. Bag I/O and the output topic names are in ``esam_ros.bag_io``; the per-topic
-work is ``TopicProcessor`` (depth/tracking inputs plug in there).
+Deterministic (frames of a topic in bag order, one at a time, no dropping), so the same bag and
+config give the same output bag. Bag I/O and the output topic names are in ``esam_ros.bag_io``;
+depth pairing in ``esam_ros.replay_depth``; per-topic work and the report in
+``esam_ros.replay_report``. Every colour topic gets stable track ids; a colour topic with a depth
+topic (``--depth-topic``) also gets entity positions, sizes and depth coverage.
 """
 
 from __future__ import annotations
@@ -14,49 +16,39 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import sparse
 from tqdm import tqdm
 
 from esam_core.config import Config, load_config
-from esam_core.types import EntitySegmentation
+from esam_core.depth import DepthError
+from esam_core.spatial import EntityAnnotator
 from esam_ros import __version__
-from esam_ros.bag_io import COMPRESSED, IMAGE, IMAGE_TYPES, BagError, BagReader, OutputBag
+from esam_ros.bag_io import (
+    COMPRESSED,
+    ENTITY_ARRAY,
+    IMAGE,
+    IMAGE_TYPES,
+    BagError,
+    BagMessage,
+    BagReader,
+    OutputBag,
+)
 from esam_ros.bag_io import output_topics as name_outputs
 from esam_ros.conversions import ImageError, compressed_to_rgb, image_to_rgb, label_image_fields
+from esam_ros.replay_depth import (
+    CameraInfos,
+    DepthPairing,
+    load_depth,
+    resolve_depth_topics,
+    stamp_s,
+)
+from esam_ros.replay_report import TopicProcessor, format_summary, mean_of, stats_of, timing_of
 
 log = logging.getLogger("esam.replay")
 TEST_TINY_YAML = Path(__file__).resolve().parents[1] / "config" / "test_tiny.yaml"
-
-
-def best_match_iou(prev: np.ndarray, cur: np.ndarray) -> float | None:
-    """Mean over the entities of ``cur`` of their best IoU with an entity of ``prev``.
-
-    Args:
-        prev, cur: (H, W) integer label maps of consecutive frames (0 = no entity).
-
-    Returns:
-        The mean IoU, or None when ``cur`` has no entity or the sizes differ.
-    """
-    if prev.shape != cur.shape or not cur.any():
-        return None
-    p, c = prev.ravel().astype(np.int64), cur.ravel().astype(np.int64)
-    inter = sparse.coo_matrix((np.ones_like(c), (c, p))).tocsr()  # [cur id, prev id] counts
-    area_c = np.bincount(c)
-    area_p = np.bincount(p)
-    rows, cols = inter.nonzero()
-    keep = (rows > 0) & (cols > 0)
-    rows, cols = rows[keep], cols[keep]
-    vals = np.asarray(inter[rows, cols]).ravel()
-    iou = vals / (area_c[rows] + area_p[cols] - vals)
-    best = np.zeros(area_c.size)
-    np.maximum.at(best, rows, iou)
-    ids = np.flatnonzero(area_c[1:]) + 1
-    return float(best[ids].mean())
 
 
 def decode_image(msg: Any, msgtype: str) -> np.ndarray:
@@ -68,61 +60,91 @@ def decode_image(msg: Any, msgtype: str) -> np.ndarray:
     raise ImageError(f"unsupported message type {msgtype}", "unsupported_type")
 
 
-@dataclass
-class TopicProcessor:
-    """One input topic: decode, segment, remember what the report needs."""
+class _Run:
+    """One replay: routes bag messages to the topics, segments frames, writes the results."""
 
-    topic: str
-    msgtype: str
-    entities_topic: str
-    labels_topic: str
-    read: int = 0
-    processed: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    entity_counts: list[int] = field(default_factory=list)
-    stability: list[float] = field(default_factory=list)
-    _prev: np.ndarray | None = None
+    def __init__(self, writer: OutputBag, segmenter: Any, procs: dict[str, TopicProcessor],
+                 infos: dict[str, CameraInfos]) -> None:
+        self.writer, self.segmenter, self.procs, self.infos = writer, segmenter, procs, infos
+        self.users: dict[str, list[str]] = defaultdict(list)  # depth topic -> colour topics
+        for p in procs.values():
+            if p.depth_topic is not None:
+                self.users[p.depth_topic].append(p.topic)
+        self.timings: dict[str, list[float]] = defaultdict(list)
+        self.skipped: list[dict[str, Any]] = []
 
-    def process(self, segmenter: Any, rgb: np.ndarray) -> EntitySegmentation:
-        seg = segmenter.segment(rgb)
-        self.processed += 1
-        self.entity_counts.append(len(seg.entities))
-        if self._prev is not None:
-            iou = best_match_iou(self._prev, seg.label_map)
-            if iou is not None:
-                self.stability.append(iou)
-        self._prev = seg.label_map
-        return seg
+    def feed(self, bm: BagMessage) -> list[tuple[BagMessage, BagMessage | None]]:
+        """Take the next bag message; return the colour frames now ready, with their depth."""
+        if bm.topic in self.users:  # a depth frame: copy it, queue it for its colour topics
+            if bm.msg is not None:
+                self.writer.write(bm.topic, bm.msgtype, bm.timestamp, bm.msg)
+            pairings = [self.procs[c].pairing for c in self.users[bm.topic]]
+            for pairing in pairings:
+                pairing.add_depth(bm)
+            return [f for pairing in pairings for f in pairing.ready()]
+        proc = self.procs[bm.topic]
+        proc.read += 1
+        if proc.pairing is None:
+            return [(bm, None)]
+        proc.pairing.add_colour(bm)
+        return proc.pairing.ready()
 
-    def summary(self) -> dict[str, Any]:
-        return {"type": self.msgtype, "outputs": [self.entities_topic, self.labels_topic],
-                "read": self.read, "processed": self.processed, "skipped": dict(self.skipped),
-                "entities_per_frame": _stats(self.entity_counts),
-                "temporal_stability": _mean(self.stability), "stability_pairs": len(self.stability)}
+    def skip(self, bm: BagMessage, reason: str, detail: str) -> None:
+        self.procs[bm.topic].skipped[reason] += 1
+        self.skipped.append({"topic": bm.topic, "index": bm.index, "timestamp": bm.timestamp,
+                             "reason": reason, "detail": detail})
 
-
-def _stats(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "min": float(a.min()), "p50": float(np.percentile(a, 50)),
-            "max": float(a.max())}
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def _timing(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "max": float(a.max()), "n": int(a.size)}
+    def handle(self, bm: BagMessage, depth_bm: BagMessage | None) -> None:
+        """Decode, segment and annotate one colour frame and write its results."""
+        proc, writer = self.procs[bm.topic], self.writer
+        t0 = time.perf_counter()
+        try:
+            if bm.msg is None:
+                raise ImageError(bm.error or "undecodable", "undecodable_message")
+            if bm.msgtype in IMAGE_TYPES:  # keep the input next to its results
+                writer.write(bm.topic, bm.msgtype, bm.timestamp, bm.msg)
+            rgb = decode_image(bm.msg, bm.msgtype)
+        except ImageError as exc:
+            log.debug("skip %s #%d: %s", bm.topic, bm.index, exc)
+            return self.skip(bm, getattr(exc, "reason", "invalid_image"), str(exc))
+        depth, depth_error = {}, None
+        if depth_bm is not None:
+            try:
+                depth = load_depth(depth_bm, self.infos.get(proc.info_topic), proc.info_topic)
+            except DepthError as exc:  # counted per topic; the frame still gets ids
+                depth_error = str(exc)
+        t1 = time.perf_counter()
+        try:
+            seg = proc.process(self.segmenter, rgb, stamp_s(bm.msg.header), depth, depth_error,
+                               paired=depth_bm is not None)
+        except Exception as exc:  # a frame the algorithm cannot take loses only itself
+            log.warning("%s #%d: segmentation failed: %s", bm.topic, bm.index, exc,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+            return self.skip(bm, "segmentation_failed", f"{type(exc).__name__}: {exc}")
+        t2 = time.perf_counter()
+        header = writer.header(bm.msg.header)
+        h, w = seg.label_map.shape
+        writer.write(proc.labels_topic, IMAGE, bm.timestamp,
+                     writer.label_image(header, label_image_fields(seg.label_map)))
+        writer.write(proc.entities_topic, ENTITY_ARRAY, bm.timestamp,
+                     writer.entity_array(header, h, w, seg.entities))
+        t3 = time.perf_counter()
+        for stage, seconds in seg.timings.items():
+            self.timings[stage].append(seconds)
+        for stage, seconds in (("decode_image", t1 - t0), ("segment", t2 - t1),
+                               ("write", t3 - t2), ("frame", t3 - t0)):
+            self.timings[stage].append(seconds)
 
 
 def replay(bag: str | Path, out: str | Path, segmenter: Any, cfg: Config,
-           topics: list[str] | None = None, storage: str = "mcap",
-           progress: bool = True) -> dict[str, Any]:
+           topics: list[str] | None = None, storage: str = "mcap", progress: bool = True,
+           depth_topics: list[str] | None = None,
+           camera_info_topics: list[str] | None = None) -> dict[str, Any]:
     """Segment every frame of the image topics of ``bag`` in order and write ``out``.
+
+    Args:
+        depth_topics: ``["DEPTH"]`` for the only colour topic, or ``["COLOR=DEPTH", ...]``.
+        camera_info_topics: likewise; default: the ``camera_info`` next to the depth topic.
 
     Returns:
         The report (see ``esam replay --help``); ``report["error"]`` is set if the bag turned out
@@ -141,63 +163,40 @@ def replay(bag: str | Path, out: str | Path, segmenter: Any, cfg: Config,
             selected = list(dict.fromkeys(topics))
         else:
             selected = reader.image_topics
+        selected, depth_of, info_of = resolve_depth_topics(
+            available, selected, depth_topics or [], camera_info_topics or [])
         if not selected:
             raise BagError(f"no sensor_msgs/Image or CompressedImage topics in {bag}")
         names = name_outputs(selected)
-        procs = {t: TopicProcessor(t, available[t], *names[t]) for t in selected}
-        timings: dict[str, list[float]] = defaultdict(list)
-        skipped: list[dict[str, Any]] = []
+        procs = {t: TopicProcessor(t, available[t], *names[t], EntityAnnotator(cfg),
+                                   depth_of.get(t), info_of.get(t)) for t in selected}
+        for colour, depth in depth_of.items():
+            procs[colour].pairing = DepthPairing(cfg["depth.sync_tolerance_s"],
+                                                 cfg["depth.sync_queue"], reader.count([depth]))
         error = None
         with OutputBag(out, storage) as writer:
+            infos: dict[str, CameraInfos] = {}
+            for topic in sorted({t for t in info_of.values() if t}):  # small: read them first
+                msgs = list(reader.messages([topic]))
+                infos[topic] = CameraInfos(msgs)
+                for m in msgs:
+                    if m.msg is not None:
+                        writer.write(m.topic, m.msgtype, m.timestamp, m.msg)
+            run = _Run(writer, segmenter, procs, infos)
             bar = tqdm(total=reader.count(selected), desc="replay", unit="frame",
                        disable=not progress)
             try:
-                for bm in reader.messages(selected):
-                    bar.update(1)
-                    proc = procs[bm.topic]
-                    proc.read += 1
-                    t0 = time.perf_counter()
-                    try:
-                        if bm.msg is None:
-                            raise ImageError(bm.error or "undecodable", "undecodable_message")
-                        if bm.msgtype in IMAGE_TYPES:  # keep the input next to its results
-                            writer.write(bm.topic, bm.msgtype, bm.timestamp, bm.msg)
-                        rgb = decode_image(bm.msg, bm.msgtype)
-                    except ImageError as exc:
-                        reason = getattr(exc, "reason", "invalid_image")
-                        proc.skipped[reason] += 1
-                        skipped.append({"topic": bm.topic, "index": bm.index,
-                                        "timestamp": bm.timestamp, "reason": reason,
-                                        "detail": str(exc)})
-                        log.debug("skip %s #%d: %s", bm.topic, bm.index, exc)
-                        continue
-                    t1 = time.perf_counter()
-                    try:
-                        seg = proc.process(segmenter, rgb)
-                    except Exception as exc:  # a frame the algorithm cannot take loses only itself
-                        log.warning("%s #%d: segmentation failed: %s", bm.topic, bm.index, exc,
-                                    exc_info=log.isEnabledFor(logging.DEBUG))
-                        proc.skipped["segmentation_failed"] += 1
-                        skipped.append({"topic": bm.topic, "index": bm.index,
-                                        "timestamp": bm.timestamp, "reason": "segmentation_failed",
-                                        "detail": f"{type(exc).__name__}: {exc}"})
-                        continue
-                    t2 = time.perf_counter()
-                    header = writer.header(bm.msg.header)
-                    h, w = seg.label_map.shape
-                    writer.write(proc.labels_topic, IMAGE, bm.timestamp,
-                                 writer.label_image(header, label_image_fields(seg.label_map)))
-                    writer.write(proc.entities_topic, "esam_ros/msg/EntityArray", bm.timestamp,
-                                 writer.entity_array(header, h, w, seg.entities))
-                    t3 = time.perf_counter()
-                    for stage, seconds in seg.timings.items():
-                        timings[stage].append(seconds)
-                    timings["decode_image"].append(t1 - t0)
-                    timings["segment"].append(t2 - t1)
-                    timings["write"].append(t3 - t2)
-                    timings["frame"].append(t3 - t0)
-            except BagError as exc:
-                error = str(exc)
+                try:
+                    for bm in reader.messages(selected + list(run.users)):
+                        for frame, depth_bm in run.feed(bm):
+                            bar.update(1)
+                            run.handle(frame, depth_bm)
+                except BagError as exc:
+                    error = str(exc)
+                for proc in procs.values():  # the end of the bag makes every pairing final
+                    for frame, depth_bm in proc.pairing.ready(final=True) if proc.pairing else []:
+                        bar.update(1)
+                        run.handle(frame, depth_bm)
             finally:
                 bar.close()
     counts = [n for p in procs.values() for n in p.entity_counts]
@@ -206,13 +205,13 @@ def replay(bag: str | Path, out: str | Path, segmenter: Any, cfg: Config,
         "version": __version__, "bag": str(bag), "output": str(out), "storage": storage,
         "frames": {"read": sum(p.read for p in procs.values()),
                    "processed": sum(p.processed for p in procs.values()),
-                   "skipped": len(skipped)},
-        "skip_reasons": dict(Counter(s["reason"] for s in skipped)),
-        "skipped": skipped,
+                   "skipped": len(run.skipped)},
+        "skip_reasons": dict(Counter(s["reason"] for s in run.skipped)),
+        "skipped": run.skipped,
         "topics": {t: p.summary() for t, p in procs.items()},
-        "timing_s": {k: _timing(v) for k, v in sorted(timings.items())},
-        "entities_per_frame": _stats(counts),
-        "temporal_stability": {"mean_iou": _mean(stab), "pairs": len(stab)},
+        "timing_s": {k: timing_of(v) for k, v in sorted(run.timings.items())},
+        "entities_per_frame": stats_of(counts),
+        "temporal_stability": {"mean_iou": mean_of(stab), "pairs": len(stab)},
         "config": cfg.as_dict(), "error": error,
     }
 
@@ -240,28 +239,6 @@ def make_segmenter(cfg: Config, fallback_test_tiny: bool) -> tuple[Any, Config]:
     return EntitySegmenter(cfg), cfg
 
 
-def format_summary(report: dict[str, Any]) -> str:
-    """A readable summary of a replay report."""
-    f = report["frames"]
-    lines = [f"bag {report['bag']} -> {report['output']} ({report['storage']})",
-             f"frames: {f['read']} read, {f['processed']} processed, {f['skipped']} skipped"]
-    lines += [f"  skipped {n} x {reason}" for reason, n in sorted(report["skip_reasons"].items())]
-    for topic, t in report["topics"].items():
-        epf = t["entities_per_frame"]
-        stab = t["temporal_stability"]
-        lines.append(f"  {topic} -> {t['outputs'][0]}: {t['processed']}/{t['read']} processed"
-                     + (f", {epf['mean']:.1f} entities/frame" if epf else "")
-                     + (f", stability IoU {stab:.3f}" if stab is not None else "")
-                     + (f", skipped {t['skipped']}" if t["skipped"] else ""))
-    if report["timing_s"]:
-        lines.append(f"  {'stage':<20}{'p50 s':>10}{'p95 s':>10}{'max s':>10}")
-        lines += [f"  {k:<20}{v['p50']:>10.4f}{v['p95']:>10.4f}{v['max']:>10.4f}"
-                  for k, v in report["timing_s"].items()]
-    if report["error"]:
-        lines.append(f"ERROR: {report['error']}")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     out = Path(args.out)
@@ -274,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
         pass
     segmenter, cfg = make_segmenter(cfg, args.fallback_test_tiny)
     report = replay(args.bag, out, segmenter, cfg, args.topics, args.storage,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, depth_topics=args.depth_topic,
+                    camera_info_topics=args.camera_info_topic)
     print(format_summary(report))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
@@ -293,11 +271,21 @@ def register(subparsers: Any) -> None:
         description=__doc__.splitlines()[0],
         epilog="Outputs per input topic: C/image or C/image/compressed -> C/entities "
                "(esam_ros/msg/EntityArray) and C/entity_labels (mono16); other names T -> "
-               "T/entities, T/entity_labels. Input images are copied to the output bag.")
+               "T/entities, T/entity_labels. Input images (and depth, camera_info) are copied to "
+               "the output bag. Entities always carry track ids (tracking.*); the report's "
+               "id_switch_proxy counts clear successors (mask IoU > 0.5 in the next frame) "
+               "with another track id.")
     p.add_argument("bag", help="ROS 2 bag (folder, .db3 or .mcap) or ROS 1 .bag")
     p.add_argument("--config", required=True, help="E-SAM YAML config")
     p.add_argument("--out", required=True, help="output bag folder (rosbag2 version 9)")
     p.add_argument("--topics", nargs="+", help="image topics to process (default: all)")
+    p.add_argument("--depth-topic", nargs="+", metavar="[COLOR=]DEPTH",
+                   help="registered depth (16UC1/mono16/32FC1, raw or png/compressedDepth) for "
+                        "the only colour topic, or COLOR=DEPTH pairs; fills entity position, "
+                        "size and depth_coverage (nearest stamp within depth.sync_tolerance_s)")
+    p.add_argument("--camera-info-topic", nargs="+", metavar="[COLOR=]INFO",
+                   help="sensor_msgs/CameraInfo of the depth (default: camera_info next to the "
+                        "depth topic, then next to the colour topic)")
     p.add_argument("--report", help="write REPORT.json here")
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap",
                    help="output storage (default mcap)")
