@@ -16,11 +16,13 @@ import torch
 from segment_anything.utils.amg import build_point_grid
 
 from esam_core.config import Config
-from esam_core.masks import greedy_nms, mask_areas, pairwise_intersection, pairwise_iou, to_cells
+from esam_core.masks import mask_areas, pairwise_intersection, to_cells
 from esam_core.types import Decoded, PromptBackend
 
 #: Index of the object-level and best-level mask in the per-prompt storage.
 OBJECT, BEST = 0, 1
+#: Most mask cells ``greedy_groups`` converts to float at once (64 MB).
+_FLOAT_BUDGET = 1 << 24
 
 
 def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +37,44 @@ def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor]:
     """
     fg = decoded.logits > 0  # (N, 3, h, w)
     rows = torch.arange(fg.shape[0], device=fg.device)
-    o = fg.flatten(2).sum(-1).argmax(1)
+    o = fg.flatten(2).view(torch.uint8).sum(-1, dtype=torch.int32).argmax(1)  # bool sum is slow
     b = decoded.iou.argmax(1)
     masks = torch.stack([fg[rows, o], fg[rows, b]], 1)
     scores = torch.stack([decoded.iou[rows, o], decoded.iou[rows, b]], 1).float()
     return masks, scores
+
+
+def greedy_groups(masks: torch.Tensor, scores: torch.Tensor,
+                  iou_thr: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """``masks.greedy_nms(pairwise_iou(masks), scores, iou_thr)``, with IoU rows computed only
+    for the kept masks: K·n instead of n² products when n prompts fall into K groups.
+
+    Args:
+        masks: (n, h, w) bool.
+        scores: (n,) float.
+        iou_thr: group at IoU ≥ this; None groups identical masks only.
+
+    Returns:
+        keep: (K,) int64 kept masks by descending score; assign: (n,) int64 kept mask per mask.
+    """
+    # One float copy when it is small, else chunked products per kept mask (bounded memory).
+    flat = masks.flatten(1).float() if masks.numel() <= _FLOAT_BUDGET else None
+    area = flat.sum(1) if flat is not None else mask_areas(masks).float()
+    assign = np.full(masks.shape[0], -1, dtype=np.int64)
+    keep = []
+    for i in np.argsort(-scores.cpu().numpy(), kind="stable"):
+        if assign[i] >= 0:
+            continue
+        keep.append(i)
+        inter = (flat @ flat[i] if flat is not None
+                 else pairwise_intersection(masks, masks[i:i + 1])[:, 0])
+        if iou_thr is None:
+            hit = (inter == area[i]) & (inter == area)
+        else:
+            hit = inter / (area[i] + area - inter).clamp(min=1.0) >= iou_thr
+        assign[hit.cpu().numpy() & (assign < 0)] = i
+        assign[i] = i
+    return np.array(keep, dtype=np.int64), assign
 
 
 class Gallery:
@@ -137,16 +172,10 @@ class Gallery:
         level = ((scores[:, BEST] - scores[:, OBJECT]) >= self.cfg["emr.tau"]).long()
         rows = torch.arange(idx.size, device=masks.device)
         guides, gscores = masks[rows, level], scores[rows, level]
-        if self.cfg["gallery.nms"]:
-            overlap, thr = pairwise_iou(guides), float(self.cfg["mmg.theta_o"])
-        else:  # identical masks: the intersection equals both areas
-            inter, area = pairwise_intersection(guides, guides), mask_areas(guides).float()
-            overlap = ((inter == area[:, None]) & (inter == area[None, :])).float()
-            thr = 1.0
-        keep, assign = greedy_nms(overlap, gscores, thr)
-        counts = np.bincount(assign.numpy(), minlength=idx.size)
-        # keep is in descending score order, so the first maximum breaks count ties by score.
-        kept = keep.numpy()
+        thr = float(self.cfg["mmg.theta_o"]) if self.cfg["gallery.nms"] else None
+        kept, assign = greedy_groups(guides, gscores, thr)
+        counts = np.bincount(assign, minlength=idx.size)
+        # kept is in descending score order, so the first maximum breaks count ties by score.
         best = int(kept[int(np.argmax(counts[kept]))])
         return guides[best], float(gscores[best])
 
@@ -169,10 +198,11 @@ class Gallery:
         if idx.size == 0 or not bool(a.any()) or not bool(b.any()):
             return None
         cand = self.masks(idx)[0].flatten(0, 1)  # (2n, h, w)
-        iou_u = pairwise_iou(cand, union[None])[:, 0]
+        # One chunked pass over the candidates: |g ∩ a|, |g ∩ b|, |g ∩ (a ∪ b)| and |g|.
+        inter = pairwise_intersection(cand, torch.stack([a, b, union, torch.ones_like(a)]))
+        iou_u = inter[:, 2] / (inter[:, 3] + float(union.sum()) - inter[:, 2]).clamp(min=1.0)
         if self.cfg["emr.gallery_match"] == "cover_each":
-            inter = pairwise_intersection(cand, torch.stack([a, b]))
-            share = inter / mask_areas(torch.stack([a, b])).float()[None, :]
+            share = inter[:, :2] / torch.stack([a.sum(), b.sum()]).float()
             ok = (share >= self.cfg["emr.gallery_cover"]).all(1)
         else:
             ok = iou_u >= self.cfg["mmg.gamma_o"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from esam_core.config import Config
-from esam_core.gallery import Gallery
+from esam_core.gallery import Gallery, greedy_groups
+from esam_core.masks import greedy_nms, pairwise_iou
 from esam_core.scene import Scene, SceneBackend, random_scene
 
 H, W = 48, 64
@@ -110,6 +111,26 @@ def test_covering_modes():
     assert not each.covering(a, b | c)
     assert union.covering(a, b | c)
     assert not each.covering(a, torch.zeros(H, W, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 0])  # one float copy, or chunked per kept mask
+def test_greedy_groups_equals_greedy_nms_on_pairwise_iou(monkeypatch, budget: int):
+    monkeypatch.setattr("esam_core.gallery._FLOAT_BUDGET", budget)
+    rng = np.random.default_rng(3)
+    boxes = []
+    for _ in range(30):
+        r0, c0 = rng.integers(0, H - 10), rng.integers(0, W - 10)
+        m = torch.zeros(H, W, dtype=torch.bool)
+        m[r0:r0 + rng.integers(4, 30), c0:c0 + rng.integers(4, 40)] = True
+        boxes.append(m)
+    masks = torch.stack(boxes + boxes[:10] + [torch.zeros(H, W, dtype=torch.bool)] * 2)
+    scores = torch.tensor(rng.choice([0.8, 0.9, 0.95], len(masks)), dtype=torch.float32)
+    for thr in (0.3, 0.8):
+        keep, assign = greedy_nms(pairwise_iou(masks), scores, thr)
+        k2, a2 = greedy_groups(masks, scores, thr)
+        assert np.array_equal(keep.numpy(), k2) and np.array_equal(assign.numpy(), a2)
+    _, same = greedy_groups(masks, scores, None)  # identical masks only
+    assert np.array_equal(same[30:40], same[:10]) and len(set(same[:30].tolist())) == 30
 
 
 class _RecordingBackend(SceneBackend):
