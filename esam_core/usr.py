@@ -144,12 +144,10 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
     region_cells = _group_cells(region_of_cell.cpu().numpy(), n_regions)
 
     prompt_cells, _ = _prompts(region_cells, (h, w), holders, region_of_cell.view(h, w), cfg)
-    points = cells_to_image(prompt_cells[:, 0], prompt_cells[:, 1], backend.image_hw, (h, w))
-    levels = sort_levels(backend.decode_points(points))  # one batched call for all prompts
-    counts["prompts"] = len(points)
-    extra = levels.best if cfg["usr.sam_output"] == "best_score" else levels.object
-    extra_masks = extra.masks.to(device)
-
+    # Regions inside the same holder share one prompt: decode each distinct prompt once.
+    unique_cells, prompt_of_region = np.unique(prompt_cells, axis=0, return_inverse=True)
+    points = cells_to_image(unique_cells[:, 0], unique_cells[:, 1], backend.image_hw, (h, w))
+    extra = _LazyExtraMasks(backend, points, prompt_of_region.reshape(-1), cfg, device)
     logits = list(entities.logits.to(device).unbind(0))
     iou, stab = entities.iou.tolist(), entities.stability.tolist()
     by_superpixel = _group_cells(cells.cpu().numpy(), sp.count)
@@ -162,7 +160,9 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
         if float((flat_owner[k_cells] >= 0).float().mean()) >= thresh:
             counts["skipped_covered"] += 1  # filled by earlier additions
             continue
-        a = extra_masks[r]
+        a_logits, a_iou, a_stab = extra.get(r, lambda q: float(
+            (flat_owner[sp_cells[q]] >= 0).float().mean()) < thresh)
+        a = a_logits > 0
         write = a & (owner < 0) if uncovered_only else a
         if not bool(write.any()):
             counts["skipped_nothing_new"] += 1
@@ -178,20 +178,20 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
             if float(ious[best]) > rho:
                 target = best
         if target >= 0:
-            a_logits = extra.logits[r].to(device)
             logits[target] = torch.where(write, torch.maximum(logits[target], a_logits),
                                          logits[target])
-            if float(extra.iou[r]) > iou[target]:
-                iou[target], stab[target] = float(extra.iou[r]), float(extra.stability[r])
+            if a_iou > iou[target]:
+                iou[target], stab[target] = a_iou, a_stab
             counts["merged"] += 1
         else:
             target = n_ent
-            logits.append(extra.logits[r].to(device))
-            iou.append(float(extra.iou[r]))
-            stab.append(float(extra.stability[r]))
+            logits.append(a_logits)
+            iou.append(a_iou)
+            stab.append(a_stab)
             counts["added"] += 1
         owner[write] = target  # with write-all, this also takes the cells from other entities
 
+    counts["prompts"] = extra.decoded
     n_ent = len(logits)
     own = owner[None] == torch.arange(n_ent, device=device)[:, None, None]
     out = Entities(own=own,
@@ -199,6 +199,48 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
                    iou=torch.tensor(iou, dtype=torch.float32, device=device),
                    stability=torch.tensor(stab, dtype=torch.float32, device=device))
     return _drop_empty(out), counts
+
+
+class _LazyExtraMasks:
+    """M_A for each remaining region, decoded on first use in batches of the regions still open.
+
+    The prompts are fixed before the greedy pass, so decoding a prompt late (or never, when its
+    region gets covered first) changes nothing but the number of decoder calls.
+    """
+
+    def __init__(self, backend: PromptBackend, points: np.ndarray, prompt_of_region: np.ndarray,
+                 cfg: Config, device: torch.device) -> None:
+        self._backend, self._points, self._prompt = backend, points, prompt_of_region
+        self._batch = int(cfg["model.points_per_batch"])
+        self._best = cfg["usr.sam_output"] == "best_score"
+        self._device = device
+        self._cache: dict[int, tuple[torch.Tensor, float, float]] = {}
+
+    @property
+    def decoded(self) -> int:
+        return len(self._cache)
+
+    def get(self, region: int, still_open) -> tuple[torch.Tensor, float, float]:
+        """(h, w) logits, predicted IoU and stability of region's M_A.
+
+        ``still_open(q)`` says whether a later region q may still need its mask; those are decoded
+        together with this one to fill the batch.
+        """
+        p = int(self._prompt[region])
+        if p not in self._cache:
+            wanted = [p]
+            for q in range(region + 1, len(self._prompt)):
+                if len(wanted) >= self._batch:
+                    break
+                pq = int(self._prompt[q])
+                if pq not in self._cache and pq not in wanted and still_open(q):
+                    wanted.append(pq)
+            levels = sort_levels(self._backend.decode_points(self._points[wanted]))
+            extra = levels.best if self._best else levels.object
+            for i, pq in enumerate(wanted):
+                self._cache[pq] = (extra.logits[i].to(self._device), float(extra.iou[i]),
+                                   float(extra.stability[i]))
+        return self._cache[p]
 
 
 def _group_cells(label: np.ndarray, n: int) -> list[np.ndarray]:
