@@ -14,6 +14,7 @@ Pairing is deterministic and streams through the bag once, in bag order:
 
 from __future__ import annotations
 
+import bisect
 import math
 import struct
 from collections import Counter, deque
@@ -84,7 +85,8 @@ def _compressed_depth(msg: Any) -> tuple[np.ndarray, str]:
         data, params = data[12:], (qa, qb)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None or image.ndim != 2:
-        raise DepthError(f"could not decode compressed depth ({data.size} bytes, format '{fmt}')")
+        raise DepthError(f"could not decode compressed depth as one channel ({data.size} bytes, "
+                         f"format '{fmt}')")
     if source == "32fc1" and params is not None and image.dtype == np.uint16:
         inv = image.astype(np.float32)
         with np.errstate(divide="ignore"):  # 0 = no reading, stays 0
@@ -116,14 +118,17 @@ class CameraInfos:
             w, h = int(m.width), int(m.height)
             infos.append(CameraInfo(stamp_s(m.header), k, (w, h) if w > 0 and h > 0 else None))
         self._infos = sorted(infos, key=lambda i: i.stamp)
+        self._stamps = [i.stamp for i in self._infos]
 
     def __len__(self) -> int:
         return len(self._infos)
 
     def nearest(self, stamp: float) -> CameraInfo | None:
-        if not self._infos:
-            return None
-        return min(self._infos, key=lambda i: abs(i.stamp - stamp))
+        """The camera_info nearest in stamp (the earlier one on a tie), or None if none."""
+        i = bisect.bisect_left(self._stamps, stamp)
+        near = [j for j in (i - 1, i) if 0 <= j < len(self._infos)]
+        return min((self._infos[j] for j in near), key=lambda c: abs(c.stamp - stamp),
+                   default=None)
 
 
 def _pairs(specs: list[str], colours: list[str], what: str) -> dict[str, str]:

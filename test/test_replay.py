@@ -596,3 +596,40 @@ def test_id_switch_proxy():
     moved[:5, 3:8] = 1  # IoU 10/40 with entity 1: no clear successor, not counted
     assert successor_switches(prev, before, moved, np.array([0, 9])) == 0
     assert successor_switches(prev, before, moved[:5], np.array([0, 9])) is None
+
+
+def test_camera_info_nearest_stamp():
+    from esam_ros.bag_io import BagMessage
+    from esam_ros.replay_depth import CameraInfos
+
+    msgs = [BagMessage("i", "sensor_msgs/msg/CameraInfo", 0, n,
+                       _camera_info(t * 10**6, w, 10, fx)) for n, (t, w, fx) in
+            enumerate([(300, 20, 3.0), (100, 20, 1.0), (200, 0, 2.0)])]
+    msgs.append(BagMessage("i", "sensor_msgs/msg/CameraInfo", 0, 3, None, "truncated"))
+    infos = CameraInfos(msgs)
+    assert len(infos) == 3
+    assert [infos.nearest(t).k[0] for t in (0.0, 0.16, 0.24, 0.26, 9.0)] == [1, 2, 2, 3, 3]
+    assert infos.nearest(0.2).wh is None and infos.nearest(0.1).wh == (20, 10)
+    assert CameraInfos([]).nearest(1.0) is None
+
+
+def test_clock_jump_back_restarts_tracks(tmp_path, segmenter):
+    """A looped recording (stamps jump back) starts new tracks instead of matching stale ones."""
+    _, rgb = _image(40, 56, 0)
+    T = STORE.types
+    bag = tmp_path / "loop"
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
+        conn = writer.add_connection("/cam/image", "sensor_msgs/msg/Image", typestore=STORE)
+        for n, stamp_s in enumerate((5, 6, 1)):
+            img = T["sensor_msgs/msg/Image"](header=_header(stamp_s * 10**9, "cam"), height=40,
+                                             width=56, encoding="rgb8", is_bigendian=0,
+                                             step=3 * 56, data=rgb.reshape(-1))
+            writer.write(conn, (n + 1) * 10**9, STORE.serialize_cdr(img, img.__msgtype__))
+    seg, cfg = segmenter
+    report = rp.replay(bag, tmp_path / "out", seg, cfg, progress=False)
+    tr = report["topics"]["/cam/image"]["tracking"]
+    assert tr["resets"] == 1 and tr["frame_pairs"] == 1
+    out = read_all(tmp_path / "out")["/cam/entities"]
+    frames = [[e.track_id for e in m.entities] for _, m in out]
+    assert frames[0] == frames[1] and frames[0]
+    assert min(frames[2]) > max(frames[1])  # new ids, never reused
