@@ -80,8 +80,9 @@ def greedy_groups(masks: torch.Tensor, scores: torch.Tensor,
 class Gallery:
     """Per-prompt O/B masks and scores of the ``gallery.points_per_side`` grid.
 
-    Storage is a preallocated (P, 2, h, w) bool tensor filled as prompts are decoded (never the
-    3 outputs' float logits of all prompts), plus (P, 2) scores and a ``decoded`` flag per prompt.
+    Storage is a preallocated, uninitialised (P, 2, h, w) bool tensor filled as prompts are
+    decoded (never the 3 outputs' float logits of all prompts), plus (P, 2) scores and a
+    ``decoded`` flag per prompt.
 
     Attributes:
         points: (P, 2) float64 prompt positions (x, y) in image pixels, AMG's grid order.
@@ -103,7 +104,9 @@ class Gallery:
         self._rows = torch.as_tensor(self.cells[0], device=dev)
         self._cols = torch.as_tensor(self.cells[1], device=dev)
         p = len(self.points)
-        self._masks = torch.zeros((p, 2, h, w), dtype=torch.bool, device=dev)
+        # Uninitialised: only decoded prompts are ever read (masks() decodes first), and a lazy
+        # gallery never touches the pages of the prompts it does not need.
+        self._masks = torch.empty((p, 2, h, w), dtype=torch.bool, device=dev)
         self._scores = torch.zeros((p, 2), dtype=torch.float32, device=dev)
         self.decoded = np.zeros(p, dtype=bool)
         if not self.lazy:
