@@ -272,18 +272,19 @@ def register(subparsers: Any) -> None:
         epilog="Outputs per input topic: C/image or C/image/compressed -> C/entities "
                "(esam_ros/msg/EntityArray) and C/entity_labels (mono16); other names T -> "
                "T/entities, T/entity_labels. Input images (and depth, camera_info) are copied to "
-               "the output bag. Entities always carry track ids (tracking.*); the report's "
+               "the output bag. Entities carry track ids (tracking.enabled); the report's "
                "id_switch_proxy counts clear successors (mask IoU > 0.5 in the next frame) "
                "with another track id.")
     p.add_argument("bag", help="ROS 2 bag (folder, .db3 or .mcap) or ROS 1 .bag")
     p.add_argument("--config", required=True, help="E-SAM YAML config")
     p.add_argument("--out", required=True, help="output bag folder (rosbag2 version 9)")
     p.add_argument("--topics", nargs="+", help="image topics to process (default: all)")
-    p.add_argument("--depth-topic", nargs="+", metavar="[COLOR=]DEPTH",
+    p.add_argument("--depth-topic", action="append", metavar="[COLOR=]DEPTH",
                    help="registered depth (16UC1/mono16/32FC1, raw or png/compressedDepth) for "
-                        "the only colour topic, or COLOR=DEPTH pairs; fills entity position, "
-                        "size and depth_coverage (nearest stamp within depth.sync_tolerance_s)")
-    p.add_argument("--camera-info-topic", nargs="+", metavar="[COLOR=]INFO",
+                        "the only colour topic, or a COLOR=DEPTH pair (repeatable); fills entity "
+                        "position, size and depth_coverage (nearest stamp within "
+                        "depth.sync_tolerance_s)")
+    p.add_argument("--camera-info-topic", action="append", metavar="[COLOR=]INFO",
                    help="sensor_msgs/CameraInfo of the depth (default: camera_info next to the "
                         "depth topic, then next to the colour topic)")
     p.add_argument("--report", help="write REPORT.json here")
