@@ -130,7 +130,7 @@ PARAMETERS: dict[str, Param] = {
     "depth.max_m": _f(10.0, 0.0, 1000.0, "depth readings above this (m) are invalid"),
     "depth.min_valid_pixels": _i(20, 1, 10**9, "fewer valid depth pixels: no position"),
     "depth.min_valid_fraction": _f(0.1, 0.0, 1.0, "lower valid-depth fraction: no position"),
-    "depth.extent_percentile": _f(2.0, 0.0, 25.0, "percentile extrapolated to the extent"),
+    "depth.extent_percentile": _f(2.0, 0.0, 24.0, "percentile extrapolated to the extent"),
     "depth.fence_k": _f(2.0, 0.0, 100.0, "drop depths this many spreads off the median"),
     "depth.fence_margin": _f(0.05, 0.0, 10.0, "minimum depth fence half-width (m)"),
     "depth.sync_tolerance_s": _f(0.02, 0.0, 10.0, "max colour/depth stamp difference (s)"),
