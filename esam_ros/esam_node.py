@@ -2,12 +2,14 @@
 
 Per camera C (parameter ``cameras``, default ``['']``), relative names:
     in   C/image (sensor_msgs/Image rgb8|bgr8|rgba8|bgra8|mono8), or C/image/compressed
-         (sensor_msgs/CompressedImage JPEG/PNG) with ``input_transport: compressed``
+         (sensor_msgs/CompressedImage JPEG/PNG) with ``input_transport: compressed``;
+         with ``depth.enabled`` also C/depth (registered 16UC1 mm | 32FC1 m) and C/camera_info
     out  C/entities (esam_ros/EntityArray), C/entity_labels (sensor_msgs/Image mono16, pixel value
          = entity id, 0 = none), C/entity_overlay (rgb8, lazily: only with subscribers)
     and /diagnostics (diagnostic_msgs/DiagnosticArray) every ``diagnostics_period`` seconds.
 Outputs carry the source image's header. Frames larger than ``max_image_pixels`` are downscaled
-(outputs then have the processed size, given in EntityArray height/width) or refused.
+(outputs then have the processed size, given in EntityArray height/width) or refused. Entities get
+track ids and, from depth paired by *header stamp*, 3D: ``esam_ros.node_depth`` gives the rules.
 
 Threading: subscription callbacks only store the newest message of their camera (one slot; a
 replaced, unprocessed message counts as dropped). One worker thread runs E-SAM on the newest frame
@@ -17,7 +19,7 @@ camera starves.
 
 from __future__ import annotations
 
-import array
+import functools
 import sys
 import threading
 import time
@@ -26,39 +28,27 @@ from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from geometry_msgs.msg import Point, Vector3
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import QoSPolicyKind, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
 
 from esam_core.config import PARAMETERS, Config, ConfigError
 from esam_core.weights import CheckpointError
 from esam_ros import conversions
 from esam_ros.conversions import ImageError
-from esam_ros.msg import Entity, EntityArray
+from esam_ros.msg import EntityArray
+from esam_ros.node_depth import CameraSpatial, entity_array, image_msg, qos_events, topic
 from esam_ros.node_params import changes_from, declare_all, undeclared_overrides
 from esam_ros.node_stats import NodeStats
 
-try:  # Iron and newer
-    from rclpy.event_handler import SubscriptionEventCallbacks
-except ImportError:  # Humble
-    from rclpy.qos_event import SubscriptionEventCallbacks
-
 NODE_NAME = "esam_node"
-
-
-def _topic(cam: str, name: str) -> str:
-    return f"{cam}/{name}" if cam else name
+_image = image_msg  # old name (esam_ros.bench_node imports it)
 
 
 class CameraState:
-    """One camera: its publishers, the one-slot newest frame, and bookkeeping.
-
-    Depth and tracking hook in here: per-camera ``depth``/``camera_info`` subscriptions and a
-    tracker would be further attributes, read by ``EsamNode._process`` next to ``slot``.
-    """
+    """One camera: its publishers, the one-slot newest frame, track ids and depth, bookkeeping."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -68,6 +58,7 @@ class CameraState:
         self.pub_entities: Any = None
         self.pub_labels: Any = None
         self.pub_overlay: Any = None
+        self.spatial: CameraSpatial | None = None  # track ids and 3D (worker thread only)
 
 
 class EsamNode(Node):
@@ -121,18 +112,17 @@ class EsamNode(Node):
         qos_in = QoSProfile(depth=self.params["qos.depth"], reliability=reliability)
         qos_out = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         for cam in self.cameras.values():
-            name = _topic(cam.name, "image/compressed" if compressed else "image")
-            events = SubscriptionEventCallbacks(
-                incompatible_qos=lambda e, c=cam, n=name: self._on_incompatible_qos(c, n, e))
+            events = functools.partial(qos_events, self, cam)  # events(topic): QoS warnings
+            name = topic(cam.name, "image/compressed" if compressed else "image")
             self.create_subscription(
                 CompressedImage if compressed else Image, name,
-                lambda msg, c=cam: self._on_image(c, msg), qos_in, event_callbacks=events)
-            cam.pub_entities = self.create_publisher(EntityArray, _topic(cam.name, "entities"),
-                                                     qos_out)
-            cam.pub_labels = self.create_publisher(Image, _topic(cam.name, "entity_labels"),
-                                                   qos_out)
-            cam.pub_overlay = self.create_publisher(Image, _topic(cam.name, "entity_overlay"),
-                                                    qos_out)
+                lambda msg, c=cam: self._on_image(c, msg), qos_in, event_callbacks=events(name))
+            cam.spatial = CameraSpatial(self, cam.name, self._cfg, self.params, self.stats,
+                                        qos_in, events, functools.partial(self._warn, cam))
+            for attr, mtype, out in (("pub_entities", EntityArray, "entities"),
+                                     ("pub_labels", Image, "entity_labels"),
+                                     ("pub_overlay", Image, "entity_overlay")):
+                setattr(cam, attr, self.create_publisher(mtype, topic(cam.name, out), qos_out))
 
     # --- executor side: cheap callbacks only ------------------------------------------------
 
@@ -143,16 +133,6 @@ class EsamNode(Node):
             cam.slot = (msg, now)
             self._cond.notify()
         self.stats.received(cam.name, replaced)
-
-    def _on_incompatible_qos(self, cam: CameraState, topic: str, event: Any) -> None:
-        if cam.qos_warned:  # once: the event repeats for every matching attempt
-            return
-        cam.qos_warned = True
-        policy = QoSPolicyKind(event.last_policy_kind).name
-        self.get_logger().error(
-            f"'{self.resolve_topic_name(topic)}': a publisher offers QoS incompatible with this "
-            f"subscription ({policy}); no frames will arrive. Fix: set parameter "
-            f"qos.reliability to best_effort (accepts any publisher) or match the publisher")
 
     def _on_set_parameters(self, params: list) -> SetParametersResult:
         try:
@@ -195,6 +175,8 @@ class EsamNode(Node):
             try:
                 if cfg is not None:
                     self.segmenter.set_config(cfg)
+                    for c in self.cameras.values():
+                        c.spatial.set_config(cfg)
                 self._process(cam, msg, t_recv)
             except Exception as exc:  # never let one frame kill the worker
                 if self._stop.is_set():
@@ -238,31 +220,36 @@ class EsamNode(Node):
             self.get_logger().debug(traceback.format_exc())
             return
         t2 = time.perf_counter()
-        self.publish_result(cam, msg.header, rgb, result)
+        cam.spatial.annotate(msg.header, result)  # track ids; 3D from paired depth
         t3 = time.perf_counter()
-        stages = {"decode": t1 - t0, **result.timings, "publish": t3 - t2}
-        self.stats.published(cam.name, t3 - t_recv, stages)
+        self.publish_result(cam, msg.header, rgb, result)
+        t4 = time.perf_counter()
+        stages = {"decode": t1 - t0, **result.timings, "annotate": t3 - t2, "publish": t4 - t3}
+        self.stats.published(cam.name, t4 - t_recv, stages)
 
     def publish_result(self, cam: CameraState, header: Any, rgb: Any, result: Any) -> None:
         """Publish entities, label image and (when wanted) the overlay, all with ``header``."""
         labels = result.label_map
         fields = conversions.label_image_fields(labels)
-        label_msg = _image(header, fields)
+        label_msg = image_msg(header, fields)
         cam.pub_entities.publish(entity_array(header, result))
         cam.pub_labels.publish(label_msg)
         if self.params["publish_overlay"] and cam.pub_overlay.get_subscription_count() > 0:
             overlay = conversions.overlay_image(rgb, labels, self.params["overlay_alpha"])
-            cam.pub_overlay.publish(_image(header, conversions.rgb_image_fields(overlay)))
+            cam.pub_overlay.publish(image_msg(header, conversions.rgb_image_fields(overlay)))
 
     def _bad_frame(self, cam: CameraState, reason: str, text: str) -> None:
-        """Count a refused frame and log it, at most once per ``log_throttle_s`` per reason."""
+        """Count a refused frame and log it."""
         n = self.stats.bad_frame(cam.name, reason)
+        self._warn(cam, reason, f"frame skipped ({reason}, {n} so far): {text}")
+
+    def _warn(self, cam: CameraState, reason: str, text: str) -> None:
+        """Log at most once per ``log_throttle_s`` per camera and reason."""
         now = time.perf_counter()
         key = (cam.name, reason)
         if now - self._last_log.get(key, -1e9) >= self.params["log_throttle_s"]:
             self._last_log[key] = now
-            self.get_logger().warning(
-                f"camera '{cam.name or '/'}': frame skipped ({reason}, {n} so far): {text}")
+            self.get_logger().warning(f"camera '{cam.name or '/'}': {text}")
 
     def destroy_node(self) -> None:
         """Stop the worker (letting a frame in flight finish) before the publishers go."""
@@ -275,33 +262,6 @@ class EsamNode(Node):
         super().destroy_node()
 
 
-def _image(header: Any, fields: dict[str, Any]) -> Image:
-    msg = Image(header=header, height=fields["height"], width=fields["width"],
-                encoding=fields["encoding"], is_bigendian=fields["is_bigendian"],
-                step=fields["step"])
-    msg.data = array.array("B", fields["data"])  # array.array skips the per-byte field check
-    return msg
-
-
-def entity_array(header: Any, result: Any) -> EntityArray:
-    """``EntitySegmentation`` -> EntityArray (ids equal the label image's pixel values)."""
-    h, w = result.label_map.shape
-    out = EntityArray(header=header, height=h, width=w)
-    for e in result.entities:
-        x, y, bw, bh = (int(v) for v in e.bbox)
-        ent = Entity(id=int(e.id), score=float(e.score), area=int(e.area),
-                     bbox=RegionOfInterest(x_offset=x, y_offset=y, width=bw, height=bh),
-                     centroid_x=float(e.centroid[0]), centroid_y=float(e.centroid[1]),
-                     track_id=int(e.track_id), depth_coverage=float(e.depth_coverage))
-        if e.position is not None and e.size is not None:
-            ent.has_position = True
-            ent.position = Point(x=float(e.position[0]), y=float(e.position[1]),
-                                 z=float(e.position[2]))
-            ent.size = Vector3(x=float(e.size[0]), y=float(e.size[1]), z=float(e.size[2]))
-        out.entities.append(ent)
-    return out
-
-
 def main(args: list[str] | None = None) -> int:
     """``esam_node [--ros-args ...]``: exit code 0 on a normal stop, 1 on a start-up error."""
     try:
@@ -310,9 +270,7 @@ def main(args: list[str] | None = None) -> int:
         print(f"[FATAL] [{NODE_NAME}]: cannot start: {' '.join(str(exc).split())}",
               file=sys.stderr)
         return 1
-    logger = rclpy.logging.get_logger(NODE_NAME)
-    node = None
-    code = 0
+    logger, node, code = rclpy.logging.get_logger(NODE_NAME), None, 0
     try:
         node = EsamNode()
         executor = SingleThreadedExecutor()

@@ -7,6 +7,7 @@ CLI (``esam_core.config.validate_value``) so a parameter file means the same thi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -19,8 +20,9 @@ from esam_core.config import PARAMETERS, ConfigError, Param, validate_value
 
 #: The node's own parameters (not read by the CLI); same schema as ``PARAMETERS``.
 NODE_PARAMETERS: dict[str, Param] = {
-    "cameras": Param([""], "camera namespaces: camera C reads C/image and publishes "
-                     "C/entities, C/entity_labels, C/entity_overlay ('' = the node's namespace)",
+    "cameras": Param([""], "camera namespaces: camera C reads C/image (and C/depth, "
+                     "C/camera_info with depth.enabled) and publishes C/entities, "
+                     "C/entity_labels, C/entity_overlay ('' = the node's namespace)",
                      dynamic=False),
     "input_transport": Param("raw", "raw: sensor_msgs/Image on C/image; compressed: "
                              "sensor_msgs/CompressedImage on C/image/compressed",
@@ -39,9 +41,17 @@ NODE_PARAMETERS: dict[str, Param] = {
                                 max=3600.0, dynamic=False),
     "log_throttle_s": Param(5.0, "bad-frame warnings of one reason at most this often (s)",
                             min=0.0, max=3600.0),
+    "depth.max_wait_s": Param(0.1, "while the newest depth frame is older than the colour "
+                              "frame, wait this long (s) for a nearer one", min=0.0, max=10.0),
 }
 
-ALL_PARAMETERS: dict[str, Param] = {**PARAMETERS, **NODE_PARAMETERS}
+#: E-SAM parameters that the node reads only at start (it subscribes to C/depth then).
+_READ_ONLY_IN_NODE = ("depth.enabled",)
+
+ALL_PARAMETERS: dict[str, Param] = {
+    **{k: dataclasses.replace(p, dynamic=False) if k in _READ_ONLY_IN_NODE else p
+       for k, p in PARAMETERS.items()},
+    **NODE_PARAMETERS}
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z_~][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 

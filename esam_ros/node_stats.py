@@ -12,6 +12,7 @@ import collections
 import os
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +31,17 @@ class CameraStats:
         self.downscaled = 0
         self.bad: collections.Counter[str] = collections.Counter()
         self.latency_s: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
-        # Totals at the previous report, for the rates.
-        self._last = (0, 0, 0)
+        # Depth (only reported with depth.enabled) and tracking.
+        self.depth_on = self.tracking_on = False
+        self.depth_received = self.depth_paired = 0
+        self.depth_missing: collections.Counter[str] = collections.Counter()  # frames, by reason
+        self.depth_last_problem = ""
+        # Mean entity depth coverage of each of the latest paired frames.
+        self.coverage: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
+        self.with_position = ""  # "k/n" entities of the last frame
+        self.tracks_live = self.tracks_total = self.tracking_resets = 0
+        # Totals at the previous report, for the rates and the warning level.
+        self._last = (0, 0, 0, 0)
 
 
 class NodeStats:
@@ -68,12 +78,48 @@ class NodeStats:
                 old = self.stage_s.get(k)
                 self.stage_s[k] = v if old is None else 0.8 * old + 0.2 * v
 
+    def spatial_enabled(self, cam: str, depth: bool, tracking: bool) -> None:
+        with self._lock:
+            self.cameras[cam].depth_on, self.cameras[cam].tracking_on = depth, tracking
+
+    def depth_received(self, cam: str) -> None:
+        with self._lock:
+            self.cameras[cam].depth_received += 1
+
+    def tracking_reset(self, cam: str) -> None:
+        with self._lock:
+            self.cameras[cam].tracking_resets += 1
+
+    def annotated(self, cam: str, problem: tuple[str, str] | None, out: dict[str, Any],
+                  live_tracks: int, n_entities: int) -> int:
+        """Count one ``EntityAnnotator.annotate`` outcome (``out``, its stats); ``problem`` is
+        (reason, text) when depth was enabled but not used. Returns that reason's count."""
+        with self._lock:
+            s = self.cameras[cam]
+            s.tracks_live = live_tracks
+            s.tracks_total += int(out.get("new_tracks", 0))
+            if not s.depth_on:
+                return 0
+            if problem is not None:
+                s.depth_missing[problem[0]] += 1
+                s.depth_last_problem = f"{problem[0]}: {problem[1]}"
+                return s.depth_missing[problem[0]]
+            s.depth_paired += 1
+            if out.get("mean_coverage") is not None:
+                s.coverage.append(float(out["mean_coverage"]))
+            s.with_position = f"{out.get('with_position', 0)}/{n_entities}"
+            return 0
+
     def snapshot(self, cam: str) -> dict[str, object]:
         """Totals of one camera (for tests and the benchmark)."""
         with self._lock:
             s = self.cameras[cam]
             return dict(received=s.received, published=s.published, dropped=s.dropped,
-                        downscaled=s.downscaled, bad=dict(s.bad), latency_s=list(s.latency_s))
+                        downscaled=s.downscaled, bad=dict(s.bad), latency_s=list(s.latency_s),
+                        depth_received=s.depth_received, depth_paired=s.depth_paired,
+                        depth_missing=dict(s.depth_missing), coverage=list(s.coverage),
+                        tracks_live=s.tracks_live, tracks_total=s.tracks_total,
+                        tracking_resets=s.tracking_resets)
 
     def diagnostics(self, node_name: str, device: str, stamp) -> DiagnosticArray:
         """One DiagnosticStatus per camera plus one for the model; resets the rate window."""
@@ -105,10 +151,21 @@ class NodeStats:
             p50, p95 = np.percentile(np.asarray(s.latency_s) * 1000.0, [50, 95])
             values["latency p50 (ms)"] = f"{p50:.1f}"
             values["latency p95 (ms)"] = f"{p95:.1f}"
-        s._last = (received, published, bad)
+        missing = sum(s.depth_missing.values())
+        if s.depth_on:
+            values.update(_depth_values(s))
+        if s.tracking_on:
+            values.update({"tracks (live)": str(s.tracks_live),
+                           "track ids given": str(s.tracks_total),
+                           "tracking resets (stamp went back)": str(s.tracking_resets)})
+        new_missing = missing - s._last[3]
+        s._last = (received, published, bad, missing)
         level, text = DiagnosticStatus.OK, "ok"
         if new_bad:
             level, text = DiagnosticStatus.WARN, f"{new_bad} bad frame(s) in the last period"
+        elif new_missing:
+            level, text = (DiagnosticStatus.WARN,
+                           f"{new_missing} frame(s) without depth in the last period")
         elif received == 0:
             text = "no frames received yet"
         return _status(f"{node}: camera '{cam or '/'}'", level, text, values)
@@ -117,6 +174,21 @@ class NodeStats:
         values = {"device": device, "memory (MB)": f"{memory_mb(device):.1f}"}
         values.update({f"stage {k} (ms)": f"{v * 1000.0:.2f}" for k, v in self.stage_s.items()})
         return _status(f"{node}: model", DiagnosticStatus.OK, "ok", values)
+
+
+def _depth_values(s: CameraStats) -> dict[str, str]:
+    """Depth pairing counters (colour frames paired / unpaired / refused, by reason)."""
+    errors = {r: n for r, n in sorted(s.depth_missing.items()) if r != "unpaired"}
+    values = {"depth received": str(s.depth_received), "depth paired": str(s.depth_paired),
+              "depth unpaired": str(s.depth_missing["unpaired"]),
+              "depth errors": str(sum(errors.values()))}
+    values.update({f"depth error: {r}": str(n) for r, n in errors.items()})
+    if s.depth_last_problem:
+        values["depth last problem"] = s.depth_last_problem
+    if s.coverage:
+        values["depth coverage (mean)"] = f"{np.mean(s.coverage):.3f}"
+        values["entities with position (last frame)"] = s.with_position
+    return values
 
 
 def memory_mb(device: str) -> float:
