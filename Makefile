@@ -20,8 +20,11 @@ lint:
 test: lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
+# Benchmarks print numbers (never timed tests): AMG vs E-SAM on one backend, grid and image.
 bench:
-	$(VENV)/bin/esam bench --config config/test_tiny.yaml
+	OMP_NUM_THREADS=2 $(VENV)/bin/esam bench --config config/test_tiny.yaml --grids 16/32 --repeat 3
+	OMP_NUM_THREADS=2 $(VENV)/bin/esam bench --backend scene --config config/esam.yaml --grids 32/64 --repeat 1
+	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench_node --config config/test_tiny.yaml
 
 demo:
 	$(VENV)/bin/esam replay data/spot/raw_mcap --config config/esam.yaml --out out/demo_bag \
