@@ -20,6 +20,7 @@ done
 
 export AMENT_PREFIX_PATH="$venv" CMAKE_PREFIX_PATH="$venv" PATH="$venv/bin:$PATH"
 build="$root/build/msgs"
+mkdir -p "$build"
 cmake -S "$root" -B "$build" -DESAM_MSGS_ONLY=ON -DBUILD_TESTING=OFF \
   -DCMAKE_INSTALL_PREFIX="$venv" -DCMAKE_INSTALL_RPATH="$venv/lib" \
   -DPython3_EXECUTABLE="$py" -DPYTHON_EXECUTABLE="$py" >"$build.log" 2>&1 \
