@@ -111,6 +111,11 @@ class DepthInput:
                                     info_qos)):
             node.create_subscription(mtype, name, cb, q, event_callbacks=events(name))
 
+    @property
+    def camera_info(self) -> CameraInfo | None:
+        """The latest camera_info received (None before the first)."""
+        return self._info
+
     def _on_depth(self, msg: Image) -> None:
         stamp = stamp_s(msg.header)
         with self._cond:
@@ -190,6 +195,10 @@ class CameraSpatial:
             self.annotator.reset()
             self._stats.tracking_reset(self.cam)
         self._last_stamp = stamp
+        if not result.entities:
+            # Nothing to annotate. (IouTracker.update also fails on an empty frame with live
+            # tracks; skipping it means tracks do not age on empty frames.)
+            return None
         kwargs: dict[str, Any] = {}
         problem: tuple[str, str] | None = None
         if self.depth is not None:
@@ -197,15 +206,23 @@ class CameraSpatial:
                 kwargs = self.depth.fetch(stamp)
             except DepthUnavailable as exc:
                 problem = (exc.reason, str(exc))
-        out = self.annotator.annotate(result, **kwargs)
-        if out["depth"] == "error":  # the annotator refused the depth (sizes, intrinsics, ...)
+        try:
+            out = self.annotator.annotate(result, **kwargs)
+        except Exception as exc:  # a bug here must not cost the frame its entities
+            for e in result.entities:  # no half-filled answer: no 3D, no track id
+                e.position, e.size, e.depth_coverage, e.track_id = None, None, 0.0, 0
+            out = {"depth": "error", "depth_error": f"{type(exc).__name__}: {exc}"}
+            self.annotator.reset()
+            problem = ("annotate_error", out["depth_error"])
+        if out["depth"] == "error" and problem is None:  # refused (sizes, intrinsics, ...)
             problem = ("depth_rejected", out["depth_error"])
         n = self._stats.annotated(self.cam, problem, out, self.annotator.tracker.num_tracks,
                                   len(result.entities))
         if problem is None:
             return None
-        self._warn(f"depth {problem[0]}", f"entities published without 3D ({problem[0]}, {n} so "
-                   f"far): {problem[1]}")
+        what = "3D or track ids" if problem[0] == "annotate_error" else "3D"
+        self._warn(problem[0], f"entities published without {what} ({problem[0]}, {n} so far): "
+                   f"{problem[1]}")
         return (*problem, n)
 
 

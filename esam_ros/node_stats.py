@@ -98,12 +98,12 @@ class NodeStats:
             s = self.cameras[cam]
             s.tracks_live = live_tracks
             s.tracks_total += int(out.get("new_tracks", 0))
-            if not s.depth_on:
-                return 0
             if problem is not None:
                 s.depth_missing[problem[0]] += 1
                 s.depth_last_problem = f"{problem[0]}: {problem[1]}"
                 return s.depth_missing[problem[0]]
+            if not s.depth_on:
+                return 0
             s.depth_paired += 1
             if out.get("mean_coverage") is not None:
                 s.coverage.append(float(out["mean_coverage"]))
@@ -154,6 +154,9 @@ class NodeStats:
         missing = sum(s.depth_missing.values())
         if s.depth_on:
             values.update(_depth_values(s))
+        elif s.depth_missing:  # only annotate_error happens without depth
+            values["annotate errors"] = str(missing)
+            values["last annotate error"] = s.depth_last_problem
         if s.tracking_on:
             values.update({"tracks (live)": str(s.tracks_live),
                            "track ids given": str(s.tracks_total),
@@ -164,8 +167,9 @@ class NodeStats:
         if new_bad:
             level, text = DiagnosticStatus.WARN, f"{new_bad} bad frame(s) in the last period"
         elif new_missing:
+            what = "3D" if s.depth_on else "track ids"
             level, text = (DiagnosticStatus.WARN,
-                           f"{new_missing} frame(s) without depth in the last period")
+                           f"{new_missing} frame(s) published without {what} in the last period")
         elif received == 0:
             text = "no frames received yet"
         return _status(f"{node}: camera '{cam or '/'}'", level, text, values)
