@@ -160,13 +160,17 @@ def test_plane_at_known_distance(node: DepthHarness) -> None:
         pytest.approx(1.0)
 
 
-def test_depth_of_another_aspect_ratio_is_refused(node: DepthHarness) -> None:
+def test_depth_that_does_not_fit_is_refused(node: DepthHarness) -> None:
     entities = node.frame("cam_a", "square_depth", plane_mm(1.5, (H, H)))
     assert not any(e.has_position for e in entities.entities)
     assert all(e.depth_coverage == 0.0 for e in entities.entities)
     node.wait_count("cam_a", "depth error: depth_rejected", 1)
     assert "not a uniform scale" in node.wait_diag("camera 'cam_a'", "depth last problem")
     assert_on_plane(node.frame("cam_a", "after_square", plane_mm(1.5)), 1.5)  # still serving
+    entities = node.frame("cam_a", "mono8_depth", np.full((H, W), 150, np.uint8), "mono8")
+    assert not any(e.has_position for e in entities.entities)
+    node.wait_count("cam_a", "depth error: bad_depth_image", 1)
+    assert "mono8" in node.wait_diag("camera 'cam_a'", "depth last problem")
 
 
 def test_depth_too_far_in_time_is_unpaired(node: DepthHarness) -> None:
