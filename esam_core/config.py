@@ -125,7 +125,8 @@ PARAMETERS: dict[str, Param] = {
     "output.max_entities": _i(0, 0, 65535, "keep the top-N entities by score (0 = all)"),
     "output.min_area": _i(0, 0, 10**9, "drop entities smaller than this many pixels"),
     # --- 3D from depth (esam_core.depth) -------------------------------------------------
-    "depth.enabled": _b(False, "pair colour frames with registered depth + camera_info"),
+    "depth.enabled": Param(False, "subscribe to depth + camera_info and pair them with colour",
+                           dynamic=False),
     "depth.min_m": _f(0.1, 0.0, 1000.0, "depth readings below this (m) are invalid"),
     "depth.max_m": _f(10.0, 0.0, 1000.0, "depth readings above this (m) are invalid"),
     "depth.min_valid_pixels": _i(20, 1, 10**9, "fewer valid depth pixels: no position"),

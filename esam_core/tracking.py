@@ -116,7 +116,9 @@ class IouTracker:
             self._tracks = []
             self._shape = label_map.shape
         counts = np.bincount(index, minlength=len(ids))
-        masks = np.split(pixels[np.argsort(index, kind="stable")], np.cumsum(counts)[:-1])
+        # np.split of nothing yields one empty piece, so an empty frame needs its own case.
+        masks = (np.split(pixels[np.argsort(index, kind="stable")], np.cumsum(counts)[:-1])
+                 if ids else [])
         pos = [_as_position((positions or {}).get(i)) for i in ids]
 
         matches = self._match(masks, pos, label_map.size)

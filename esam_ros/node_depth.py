@@ -40,16 +40,16 @@ from esam_core.depth import DepthError
 from esam_core.spatial import EntityAnnotator
 from esam_core.sync import StampSynchronizer
 from esam_core.types import EntitySegmentation
+from esam_ros.depth_conversions import IMAGE, depth_from_message
 from esam_ros.msg import Entity, EntityArray
 from esam_ros.node_stats import NodeStats
-from esam_ros.replay_depth import IMAGE_TYPES, depth_from_message
 
 try:  # Iron and newer
     from rclpy.event_handler import SubscriptionEventCallbacks
 except ImportError:  # Humble
     from rclpy.qos_event import SubscriptionEventCallbacks
 
-_RAW = IMAGE_TYPES[0]  # depth_from_message decodes a raw sensor_msgs/Image under this type
+_RAW = IMAGE  # depth_from_message decodes a raw sensor_msgs/Image under this type
 
 
 def topic(cam: str, name: str) -> str:

@@ -7,7 +7,6 @@ CLI (``esam_core.config.validate_value``) so a parameter file means the same thi
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any
 
@@ -45,13 +44,7 @@ NODE_PARAMETERS: dict[str, Param] = {
                               "frame, wait this long (s) for a nearer one", min=0.0, max=10.0),
 }
 
-#: E-SAM parameters that the node reads only at start (it subscribes to C/depth then).
-_READ_ONLY_IN_NODE = ("depth.enabled",)
-
-ALL_PARAMETERS: dict[str, Param] = {
-    **{k: dataclasses.replace(p, dynamic=False) if k in _READ_ONLY_IN_NODE else p
-       for k, p in PARAMETERS.items()},
-    **NODE_PARAMETERS}
+ALL_PARAMETERS: dict[str, Param] = {**PARAMETERS, **NODE_PARAMETERS}
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z_~][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 

@@ -250,7 +250,7 @@ def test_depth_messages_decode():
     from types import SimpleNamespace as NS
 
     from esam_core.depth import DepthError
-    from esam_ros.replay_depth import depth_from_message
+    from esam_ros.depth_conversions import depth_from_message
 
     mm = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 250) + 100
     padded = np.zeros((3, 2 * 4 + 4), np.uint8)  # 4 bytes of row padding, big-endian pixels

@@ -134,3 +134,14 @@ def test_count_id_switches() -> None:
     assert count_id_switches([{1: 5}, {}, {1: 5}]) == 0  # not seen in between
     assert count_id_switches([{1: 5}, {1: None}, {1: 0}, {1: 5}]) == 0  # untracked in between
     assert count_id_switches([{1: 5}, {1: 0}, {1: 7}, {1: 7}, {1: 5}]) == 2
+
+
+def test_empty_frame_ages_live_tracks():
+    from esam_core.tracking import IouTracker
+
+    tracker = IouTracker(max_age=1)
+    label_map = np.zeros((10, 10), np.uint16)
+    label_map[2:6, 2:6] = 1
+    first = tracker.update(label_map, [1])
+    assert tracker.update(np.zeros((10, 10), np.uint16), []) == {}
+    assert tracker.update(label_map, [1]) == first  # survived one missed frame (max_age 1)
