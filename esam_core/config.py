@@ -89,7 +89,6 @@ PARAMETERS: dict[str, Param] = {
     # --- gallery ------------------------------------------------------------------------
     "gallery.points_per_side": _i(64, 1, 128, "gallery point grid per side"),
     "gallery.nms": _b(True, "de-duplicate gallery masks with theta_O, keeping prompt->mask map"),
-    "gallery.storage": _c("lowres_logits", ("lowres_logits", "rle"), "gallery storage"),
     "gallery.lazy": _b(True, "decode a gallery prompt only when EMR needs it"),
     # --- EMR (Eq.5-8) -------------------------------------------------------------------
     "emr.delta": _f(0.05, 0.0, 1.0, "delta: overlap ratio under which the larger mask loses it"),
