@@ -13,11 +13,19 @@ from torchvision.ops import box_iou
 
 #: Rows of the left operand per matrix product; bounds the (chunk, h*w) float copy.
 _CHUNK = 512
+#: Most mask cells ``mask_nms`` converts to float at once (64 MB of float32).
+_FLOAT_BUDGET = 1 << 24
+#: Candidates ``mask_nms`` resolves per block (next unassigned masks by score).
+_BLOCK = 64
 
 
 def mask_areas(masks: torch.Tensor) -> torch.Tensor:
     """(M, h, w) bool -> (M,) int64 pixel counts."""
-    return masks.flatten(1).sum(1)
+    if masks.dtype != torch.bool or masks.ndim != 3 or masks.shape[1] >= 1 << 15:
+        return masks.flatten(1).sum(1)
+    # Summing bool is slow on CPU (a cast per element); uint8 column sums in int16 are exact
+    # (at most h < 2^15 per column) and vectorise.
+    return masks.view(torch.uint8).sum(1, dtype=torch.int16).sum(1, dtype=torch.int64)
 
 
 def pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -32,12 +40,18 @@ def pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows)
 
 
+def _iou_from(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor) -> torch.Tensor:
+    """IoU from (M, K) intersections and float32 areas (M,), (K,): the one formula every path
+    uses, so that the blocked NMS reproduces ``pairwise_iou`` bit for bit."""
+    union = area_a[:, None] + area_b[None, :] - inter
+    return inter / union.clamp(min=1.0)
+
+
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """IoU for all pairs: (M, h, w), (K, h, w) bool -> (M, K) float32 (b defaults to a)."""
     b = a if b is None else b
     inter = pairwise_intersection(a, b)
-    union = mask_areas(a).float()[:, None] + mask_areas(b).float()[None, :] - inter
-    return inter / union.clamp(min=1.0)
+    return _iou_from(inter, mask_areas(a).float(), mask_areas(b).float())
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -45,7 +59,8 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     m, h, w = masks.shape
     if m == 0:
         return torch.zeros(0, 4, device=masks.device)
-    rows, cols = masks.any(2), masks.any(1)  # (M, h), (M, w)
+    u = masks.view(torch.uint8)  # uint8 max-reductions vectorise, bool any() does not
+    rows, cols = u.amax(2) > 0, u.amax(1) > 0  # (M, h), (M, w)
     ar_h = torch.arange(h, device=masks.device)
     ar_w = torch.arange(w, device=masks.device)
     big = max(h, w) + 1
@@ -63,6 +78,7 @@ def greedy_nms(overlap: torch.Tensor, scores: torch.Tensor,
 
     Masks are visited by descending score; a kept mask i suppresses every remaining j with
     ``overlap[i, j] >= thresholds[i]`` (a per-mask threshold gives Adaptive NMS, Liu et al. 2019).
+    This dense form is the reference that ``mask_nms`` reproduces without the (M, M) matrix.
 
     Returns:
         keep: (K,) int64 indices of kept masks, by descending score.
@@ -87,18 +103,115 @@ def greedy_nms(overlap: torch.Tensor, scores: torch.Tensor,
     return torch.as_tensor(np.array(keep, dtype=np.int64)), torch.as_tensor(assign)
 
 
-def mask_nms(masks: torch.Tensor, scores: torch.Tensor, thresholds: float | torch.Tensor,
+def mask_nms(masks: torch.Tensor, scores: torch.Tensor, thresholds: float | torch.Tensor | None,
              iou: str = "mask") -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy NMS of a mask set by mask IoU (``iou="mask"``) or box IoU (``"box"``, AMG style).
+
+    Exactly ``greedy_nms(pairwise_iou(masks), scores, thresholds)`` (or of ``box_iou``), but for
+    mask IoU only the rows of the masks it keeps are computed (see ``_BlockedNMS``).
+
+    Args:
+        masks: (M, h, w) bool.
+        scores: (M,) float; visited by descending score, ties in index order.
+        thresholds: IoU threshold, scalar or (M,) per mask (Adaptive NMS); ``None`` (mask IoU
+            only) groups identical masks only (all empty masks are identical).
 
     Returns ``keep`` and ``assign`` as in ``greedy_nms``.
     """
     if iou == "box":
+        if thresholds is None:
+            raise ValueError("mask_nms: box IoU needs a threshold")
         boxes = mask_boxes(masks)
-        overlap = box_iou(boxes, boxes)
-    else:
-        overlap = pairwise_iou(masks)
-    return greedy_nms(overlap, scores, thresholds)
+        return greedy_nms(box_iou(boxes, boxes), scores, thresholds)
+    if iou != "mask":
+        raise ValueError(f"mask_nms: iou must be 'mask' or 'box', got {iou!r}")
+    return _BlockedNMS(masks, thresholds).run(scores)
+
+
+class _BlockedNMS:
+    """Greedy mask NMS computing IoU rows only for kept masks, in blocks.
+
+    Per block, the next ``_BLOCK`` unassigned masks by score are resolved among themselves (a
+    (B, B) product: a mask can only be suppressed by an earlier kept mask, and earlier blocks'
+    kept masks have already suppressed everything they hit); then the block's kept masks suppress
+    the remaining masks with one (k, hw) @ (hw, C) product. Pairs that cannot reach a threshold are
+    never multiplied: disjoint boxes give IoU 0 and IoU ≤ min(area) / max(area). Every IoU that is
+    compared is computed with ``pairwise_iou``'s formula, so keep and assign equal the dense ones.
+    """
+
+    def __init__(self, masks: torch.Tensor, thresholds: float | torch.Tensor | None) -> None:
+        self.m = masks.shape[0]
+        self.flat = masks.flatten(1)  # (M, hw) bool
+        area = mask_areas(masks)
+        self.area = area.cpu().numpy()
+        self.areaf = area.float()
+        self.boxes = mask_boxes(masks).cpu().numpy()
+        self.same = thresholds is None  # identical masks only
+        thr = torch.as_tensor(1.0 if self.same else thresholds, dtype=torch.float32)
+        self.thr = thr.expand(self.m).cpu().numpy()
+        self.thr_t = torch.as_tensor(self.thr, device=masks.device)
+
+    def _feasible(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(R, C) bool: pairs that may pass the test (a superset: never misses a hit)."""
+        ar, ac = self.area[rows][:, None], self.area[cols][None, :]
+        br, bc = self.boxes[rows][:, None], self.boxes[cols][None, :]
+        if self.same:
+            return (ar == ac) & (br == bc).all(-1)
+        meet = ((np.minimum(br[..., 2], bc[..., 2]) > np.maximum(br[..., 0], bc[..., 0]))
+                & (np.minimum(br[..., 3], bc[..., 3]) > np.maximum(br[..., 1], bc[..., 1])))
+        bound = np.minimum(ar, ac) / np.maximum(np.maximum(ar, ac), 1)  # IoU <= this
+        thr = self.thr[rows][:, None].astype(np.float64)
+        # The slack absorbs float32 rounding of the real IoU; thresholds <= 0 hit every pair.
+        return (thr <= 0) | (meet & (bound >= thr - 1e-6))
+
+    def _hits(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(R, C) bool: IoU(row, col) >= threshold of the row (identical masks if ``same``)."""
+        out = np.zeros((rows.size, cols.size), dtype=bool)
+        feas = self._feasible(rows, cols)
+        ri, ci = np.nonzero(feas.any(1))[0], np.nonzero(feas.any(0))[0]
+        if ri.size == 0:
+            return out
+        dev = self.flat.device
+        r, c = (torch.as_tensor(x, device=dev) for x in (rows[ri], cols[ci]))
+        a = self.flat[r].float()  # (R', hw), at most _BLOCK rows
+        step = max(1, _FLOAT_BUDGET // max(1, self.flat.shape[1]))
+        inter = torch.cat([a @ self.flat[c[s:s + step]].float().T
+                           for s in range(0, c.numel(), step)], 1)
+        if self.same:
+            hit = (inter == self.areaf[r][:, None]) & (inter == self.areaf[c][None, :])
+        else:
+            hit = _iou_from(inter, self.areaf[r], self.areaf[c]) >= self.thr_t[r][:, None]
+        out[np.ix_(ri, ci)] = hit.cpu().numpy()
+        return out
+
+    def run(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.m == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty
+        order = np.argsort(-scores.cpu().numpy(), kind="stable")
+        assign = np.full(self.m, -1, dtype=np.int64)
+        keep: list[int] = []
+        pos = 0
+        while True:
+            free = np.nonzero(assign[order[pos:]] < 0)[0][:_BLOCK] + pos
+            if free.size == 0:
+                break
+            pos = int(free[-1]) + 1
+            rows = order[free]
+            inner = self._hits(rows, rows)
+            kept = []
+            for k, i in enumerate(rows):  # resolve the block in score order
+                if assign[i] >= 0:
+                    continue
+                kept.append(k)
+                assign[i] = i
+                assign[rows[inner[k] & (assign[rows] < 0)]] = i
+            rest = np.nonzero(assign < 0)[0]
+            outer = self._hits(rows[kept], rest)
+            for k, i in enumerate(rows[kept]):
+                assign[rest[outer[k] & (assign[rest] < 0)]] = i
+            keep.extend(int(i) for i in rows[kept])
+        return torch.as_tensor(np.array(keep, dtype=np.int64)), torch.as_tensor(assign)
 
 
 def to_cells(points_xy: np.ndarray, image_hw: tuple[int, int],

@@ -77,7 +77,8 @@ def sort_levels(decoded: Decoded) -> LevelMasks:
     """
     if decoded.logits.ndim != 4 or decoded.logits.shape[1] != 3:
         raise ValueError(f"expected logits (N, 3, h, w), got {tuple(decoded.logits.shape)}")
-    areas = (decoded.logits > 0).flatten(2).sum(-1)  # (N, 3)
+    n, _, h, w = decoded.logits.shape
+    areas = mask_areas((decoded.logits > 0).reshape(n * 3, h, w)).view(n, 3)
     # Lexicographic (area desc, then predicted IoU desc): two stable sorts, minor key first.
     by_iou = torch.sort(decoded.iou, dim=1, descending=True, stable=True).indices
     by_area = torch.sort(areas.gather(1, by_iou), dim=1, descending=True, stable=True).indices
@@ -115,8 +116,14 @@ def _take(ms: MaskSet, index: torch.Tensor) -> MaskSet:
     return ms.select(index.cpu())
 
 
-def _non_empty(ms: MaskSet) -> torch.Tensor:
-    return mask_areas(ms.masks) > 0
+def _non_empty(fg: torch.Tensor) -> torch.Tensor:
+    """(M, h, w) bool -> (M,) int64 indices of the non-empty masks (on fg's device)."""
+    return (fg.flatten(1).view(torch.uint8).amax(1) > 0).nonzero()[:, 0]
+
+
+def _rows(fg: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``fg[index]`` without the copy when ``index`` is everything (the usual case)."""
+    return fg if index.numel() == fg.shape[0] else fg[index]
 
 
 def mean_density(masks: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
@@ -132,10 +139,14 @@ def adaptive_nms(ms: MaskSet, density: torch.Tensor, cfg: Config) -> MaskSet:
     A mask in a dense region (many small superpixels / boundaries) suppresses only near-identical
     neighbours, so part and subpart detail survives there (Adaptive NMS, Liu et al. 2019).
     """
-    masks = ms.masks
+    return ms.select(_adaptive_keep(ms.masks, ms.iou, density, cfg))
+
+
+def _adaptive_keep(masks: torch.Tensor, scores: torch.Tensor, density: torch.Tensor,
+                   cfg: Config) -> torch.Tensor:
+    """``adaptive_nms`` on bare masks: (K,) int64 kept indices by descending score."""
     thr = mean_density(masks, density).clamp(min=float(cfg["mmg.adaptive_nms.base"]))
-    keep, _ = mask_nms(masks, ms.iou, thr, iou=cfg["mmg.nms_iou"])
-    return ms.select(keep)
+    return mask_nms(masks, scores, thr, iou=cfg["mmg.nms_iou"])[0]
 
 
 def run_mmg(levels: LevelMasks, density: torch.Tensor, cfg: Config) -> MMGResult:
@@ -147,46 +158,54 @@ def run_mmg(levels: LevelMasks, density: torch.Tensor, cfg: Config) -> MMGResult
     """
     counts: dict[str, int] = {}
     levels = prefilter(levels, cfg)  # idempotent, so a caller may have applied it already
-    # Empty masks (all logits <= 0) carry nothing and would survive every NMS; drop them first.
-    ne_o = _non_empty(levels.object)
-    obj, obj_is_best = _take(levels.object, ne_o), levels.object_is_best[ne_o]
-    best = _take(levels.best, _non_empty(levels.best))
-    counts["object_in"], counts["best_in"] = len(obj), len(best)
+    # Work on indices into each level and select the logits once at the end: a selection copies
+    # (M, h, w) float32. Empty masks (all logits <= 0) carry nothing and would survive every NMS,
+    # so they are dropped first.
+    fg_o, fg_b = levels.object.masks, levels.best.masks
+    ne_o, ne_b = _non_empty(fg_o), _non_empty(fg_b)
+    counts["object_in"], counts["best_in"] = len(ne_o), len(ne_b)
 
     theta, kind = float(cfg["mmg.theta_o"]), cfg["mmg.nms_iou"]
-    keep_o, _ = mask_nms(obj.masks, obj.iou, theta, iou=kind)
-    obj, obj_is_best = obj.select(keep_o), obj_is_best[keep_o.to(obj_is_best.device)]
-    counts["object_nms"] = len(obj)
+    keep_o, _ = mask_nms(_rows(fg_o, ne_o), levels.object.iou[ne_o], theta, iou=kind)
+    obj_idx = ne_o[keep_o.to(ne_o.device)]
+    counts["object_nms"] = len(obj_idx)
+    best_idx = ne_b
     if cfg["mmg.nms_best_level"]:
-        best = best.select(mask_nms(best.masks, best.iou, theta, iou=kind)[0])
-    counts["best_nms"] = len(best)
+        keep_b, _ = mask_nms(_rows(fg_b, ne_b), levels.best.iou[ne_b], theta, iou=kind)
+        best_idx = ne_b[keep_b.to(ne_b.device)]
+    counts["best_nms"] = len(best_idx)
 
     # Eq.2: an object mask survives if some best-level mask matches it with IoU >= gamma_O; a
     # prompt whose object mask is its own best counts as a self-match (IoU 1), even if NMS dropped
-    # that best mask in favour of a near-duplicate.
-    if len(obj) and len(best):
-        match = pairwise_iou(obj.masks, best.masks).amax(1) >= float(cfg["mmg.gamma_o"])
+    # that best mask in favour of a near-duplicate. Only kept masks meet: (K_O, K_B) IoUs.
+    if len(obj_idx) and len(best_idx):
+        match = pairwise_iou(fg_o[obj_idx], fg_b[best_idx]).amax(1) >= float(cfg["mmg.gamma_o"])
     else:
-        match = torch.zeros(len(obj), dtype=torch.bool, device=obj.logits.device)
-    obj = _take(obj, match | obj_is_best.to(match.device))
-    obj = _take(obj, torch.sort(obj.iou, descending=True, stable=True).indices)
+        match = torch.zeros(len(obj_idx), dtype=torch.bool, device=obj_idx.device)
+    obj_idx = obj_idx[match | levels.object_is_best.to(match.device)[obj_idx]]
+    by_iou = torch.sort(levels.object.iou[obj_idx], descending=True, stable=True).indices
+    obj = levels.object.select(obj_idx[by_iou])
     counts["objects"] = len(obj)
 
     out = {}
     for name, ms in (("parts", levels.part), ("subparts", levels.subpart)):
-        ms = _take(ms, _non_empty(ms))
-        counts[f"{name}_in"] = len(ms)
-        out[name] = adaptive_nms(ms, density, cfg)
+        fg = ms.masks
+        ne = _non_empty(fg)
+        counts[f"{name}_in"] = len(ne)
+        keep = _adaptive_keep(_rows(fg, ne), ms.iou[ne], density, cfg)
+        out[name] = ms.select(ne[keep.to(ne.device)])
         counts[name] = len(out[name])
     return MMGResult(objects=obj, parts=out["parts"], subparts=out["subparts"], counts=counts)
 
 
 def _amg_filter_nms(ms: MaskSet, cfg: Config) -> MaskSet:
     """AMG's post-processing: confidence filters, drop empties, box NMS, sort by predicted IoU."""
-    ms = _take(ms, _confident(ms, cfg) & _non_empty(ms))
-    keep, _ = mask_nms(ms.masks, ms.iou, float(cfg["sam.box_nms_thresh"]), iou="box")
-    ms = ms.select(keep)
-    return _take(ms, torch.sort(ms.iou, descending=True, stable=True).indices)
+    fg = ms.masks
+    ne = _non_empty(fg)
+    idx = ne[_confident(ms, cfg)[ne]]
+    keep, _ = mask_nms(_rows(fg, idx), ms.iou[idx], float(cfg["sam.box_nms_thresh"]), iou="box")
+    idx = idx[keep.to(idx.device)]
+    return ms.select(idx[torch.sort(ms.iou[idx], descending=True, stable=True).indices])
 
 
 def amg_masks(decoded: Decoded, cfg: Config) -> MaskSet:
