@@ -52,9 +52,10 @@ def _rank(masks: torch.Tensor, scores: torch.Tensor, pair_order: str) -> torch.T
     return torch.sort(key, stable=True).indices
 
 
-def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    union = int((a | b).sum())
-    return int((a & b).sum()) / union if union else 0.0
+def _iou(inter: int, area_a: int, area_b: int) -> float:
+    """IoU from integer counts (0 for two empty masks)."""
+    union = area_a + area_b - inter
+    return inter / union if union else 0.0
 
 
 def _drop_fragments(mask: torch.Tensor, min_cells: float) -> torch.Tensor:
@@ -99,9 +100,13 @@ def split_overlaps(objects: MaskSet, gallery: Gallery, cfg: Config,
     pairs = torch.triu(inter > 0, diagonal=1).nonzero().cpu().numpy()  # rank order, row-major
     order_np = order.cpu().numpy()
     carved = np.zeros(m, dtype=bool)
+    # Areas are kept up to date on the host (each removal knows its cell count), so a pair costs
+    # one device sync for its overlap and one for its IoUs with the guidance mask.
+    area = mask_areas(cur).cpu().numpy()
 
-    def remove(i: int, cells: torch.Tensor) -> None:
-        cur[i] &= ~cells
+    def remove(i: int, cells: torch.Tensor, count: int) -> None:
+        cur[i] &= ~cells  # cells always lie inside cur[i]: it loses exactly count cells
+        area[i] -= count
         carved[i] = True
 
     for a, b in pairs:
@@ -110,24 +115,27 @@ def split_overlaps(objects: MaskSet, gallery: Gallery, cfg: Config,
         n = int(overlap.sum())
         if n == 0:
             continue
-        ap, aq = int(cur[p].sum()), int(cur[q].sum())
+        ap, aq = int(area[p]), int(area[q])
         larger = p if ap > aq else q
         if n / max(ap, aq) < delta:  # Eq.5 minor overlap
-            remove(larger, overlap)
+            remove(larger, overlap, n)
             continue
         guide = gallery.guidance_mask(overlap)  # Eq.6
         if guide is None:
             if cfg["emr.no_prompt_fallback"] == "carve_larger":
-                remove(larger, overlap)
+                remove(larger, overlap, n)
                 continue
             guide = gallery.guidance_for_prompts(np.array([gallery.nearest_prompt(overlap)]))
         g = guide[0]
-        better, other = (p, q) if _iou(cur[p], g) >= _iou(cur[q], g) else (q, p)
+        ip, iq, ag, og = torch.stack([(cur[p] & g).sum(), (cur[q] & g).sum(), g.sum(),
+                                      (overlap & g).sum()]).tolist()
+        p_wins = _iou(ip, ap, ag) >= _iou(iq, aq, ag)
+        better, other = (p, q) if p_wins else (q, p)
         if assign == "whole_to_best_iou":
-            remove(other, overlap)
+            remove(other, overlap, n)
         else:  # split_by_guidance
-            remove(other, overlap & g)
-            remove(better, overlap & ~g)
+            remove(other, overlap & g, og)
+            remove(better, overlap & ~g, n - og)
     frac = float(cfg["emr.min_fragment_frac"])
     if frac > 0:
         area = image_area_cells if image_area_cells is not None else cur.shape[1] * cur.shape[2]

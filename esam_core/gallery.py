@@ -16,16 +16,14 @@ import torch
 from segment_anything.utils.amg import build_point_grid
 
 from esam_core.config import Config
-from esam_core.masks import mask_areas, pairwise_intersection, to_cells
+from esam_core.masks import mask_areas, mask_nms, pairwise_intersection, to_cells
 from esam_core.types import Decoded, PromptBackend
 
 #: Index of the object-level and best-level mask in the per-prompt storage.
 OBJECT, BEST = 0, 1
-#: Most mask cells ``greedy_groups`` converts to float at once (64 MB).
-_FLOAT_BUDGET = 1 << 24
 
 
-def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor]:
+def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq.1 for a batch, keeping only what the gallery needs.
 
     O = the largest-area output (first on equal areas, as mmg.sort_levels' stable sort), B = the
@@ -34,47 +32,17 @@ def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         masks: (N, 2, h, w) bool, O then B.
         scores: (N, 2) float32, S^64O then S^64B.
+        areas: (N, 2) int64 cell counts of O and B.
     """
     fg = decoded.logits > 0  # (N, 3, h, w)
-    rows = torch.arange(fg.shape[0], device=fg.device)
-    o = fg.flatten(2).view(torch.uint8).sum(-1, dtype=torch.int32).argmax(1)  # bool sum is slow
+    n, _, h, w = fg.shape
+    rows = torch.arange(n, device=fg.device)
+    areas = mask_areas(fg.reshape(n * 3, h, w)).view(n, 3)
+    o = areas.argmax(1)  # the first of equal areas
     b = decoded.iou.argmax(1)
     masks = torch.stack([fg[rows, o], fg[rows, b]], 1)
     scores = torch.stack([decoded.iou[rows, o], decoded.iou[rows, b]], 1).float()
-    return masks, scores
-
-
-def greedy_groups(masks: torch.Tensor, scores: torch.Tensor,
-                  iou_thr: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """``masks.greedy_nms(pairwise_iou(masks), scores, iou_thr)``, with IoU rows computed only
-    for the kept masks: K·n instead of n² products when n prompts fall into K groups.
-
-    Args:
-        masks: (n, h, w) bool.
-        scores: (n,) float.
-        iou_thr: group at IoU ≥ this; None groups identical masks only.
-
-    Returns:
-        keep: (K,) int64 kept masks by descending score; assign: (n,) int64 kept mask per mask.
-    """
-    # One float copy when it is small, else chunked products per kept mask (bounded memory).
-    flat = masks.flatten(1).float() if masks.numel() <= _FLOAT_BUDGET else None
-    area = flat.sum(1) if flat is not None else mask_areas(masks).float()
-    assign = np.full(masks.shape[0], -1, dtype=np.int64)
-    keep = []
-    for i in np.argsort(-scores.cpu().numpy(), kind="stable"):
-        if assign[i] >= 0:
-            continue
-        keep.append(i)
-        inter = (flat @ flat[i] if flat is not None
-                 else pairwise_intersection(masks, masks[i:i + 1])[:, 0])
-        if iou_thr is None:
-            hit = (inter == area[i]) & (inter == area)
-        else:
-            hit = inter / (area[i] + area - inter).clamp(min=1.0) >= iou_thr
-        assign[hit.cpu().numpy() & (assign < 0)] = i
-        assign[i] = i
-    return np.array(keep, dtype=np.int64), assign
+    return masks, scores, torch.stack([areas[rows, o], areas[rows, b]], 1)
 
 
 class Gallery:
@@ -108,6 +76,7 @@ class Gallery:
         # gallery never touches the pages of the prompts it does not need.
         self._masks = torch.empty((p, 2, h, w), dtype=torch.bool, device=dev)
         self._scores = torch.zeros((p, 2), dtype=torch.float32, device=dev)
+        self._areas = torch.zeros((p, 2), dtype=torch.int64, device=dev)
         self.decoded = np.zeros(p, dtype=bool)
         if not self.lazy:
             self._ensure(np.arange(p))
@@ -126,10 +95,11 @@ class Gallery:
         batch = int(self.cfg["model.points_per_batch"])
         for start in range(0, todo.size, batch):
             part = todo[start:start + batch]
-            masks, scores = object_and_best(self.backend.decode_points(self.points[part]))
+            masks, scores, areas = object_and_best(self.backend.decode_points(self.points[part]))
             t = torch.as_tensor(part, device=self._masks.device)
             self._masks[t] = masks
             self._scores[t] = scores
+            self._areas[t] = areas
             self.decoded[part] = True
 
     def _check(self, region: torch.Tensor, name: str = "region") -> None:
@@ -176,7 +146,7 @@ class Gallery:
         rows = torch.arange(idx.size, device=masks.device)
         guides, gscores = masks[rows, level], scores[rows, level]
         thr = float(self.cfg["mmg.theta_o"]) if self.cfg["gallery.nms"] else None
-        kept, assign = greedy_groups(guides, gscores, thr)
+        kept, assign = (t.numpy() for t in mask_nms(guides, gscores, thr))
         counts = np.bincount(assign, minlength=idx.size)
         # kept is in descending score order, so the first maximum breaks count ties by score.
         best = int(kept[int(np.argmax(counts[kept]))])
@@ -200,10 +170,16 @@ class Gallery:
         idx = self.prompts_in(union)
         if idx.size == 0 or not bool(a.any()) or not bool(b.any()):
             return None
-        cand = self.masks(idx)[0].flatten(0, 1)  # (2n, h, w)
-        # One chunked pass over the candidates: |g ∩ a|, |g ∩ b|, |g ∩ (a ∪ b)| and |g|.
-        inter = pairwise_intersection(cand, torch.stack([a, b, union, torch.ones_like(a)]))
-        iou_u = inter[:, 2] / (inter[:, 3] + float(union.sum()) - inter[:, 2]).clamp(min=1.0)
+        self._ensure(idx)
+        t = torch.as_tensor(idx, device=self._masks.device)
+        # |g ∩ a|, |g ∩ b| and |g ∩ (a ∪ b)| only see the cells of a ∪ b: one chunked pass over
+        # the candidates cropped to its box; |g| comes from the areas stored at decoding.
+        rr, cc = union.any(1).nonzero()[:, 0], union.any(0).nonzero()[:, 0]
+        box = (slice(int(rr[0]), int(rr[-1]) + 1), slice(int(cc[0]), int(cc[-1]) + 1))
+        crop = self._masks[(t, slice(None)) + box].flatten(0, 1)  # (2n, h', w')
+        inter = pairwise_intersection(crop, torch.stack([a[box], b[box], union[box]]))
+        area = self._areas[t].flatten().float()
+        iou_u = inter[:, 2] / (area + float(union.sum()) - inter[:, 2]).clamp(min=1.0)
         if self.cfg["emr.gallery_match"] == "cover_each":
             share = inter[:, :2] / torch.stack([a.sum(), b.sum()]).float()
             ok = (share >= self.cfg["emr.gallery_cover"]).all(1)
@@ -211,7 +187,8 @@ class Gallery:
             ok = iou_u >= self.cfg["mmg.gamma_o"]
         if not bool(ok.any()):
             return None
-        return cand[int(torch.where(ok, iou_u, -1.0).argmax())]
+        k = int(torch.where(ok, iou_u, -1.0).argmax())
+        return self._masks[int(idx[k // 2]), k % 2].clone()
 
     def covering(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Whether some gallery mask encompasses both a and b (``covering_mask`` is not None)."""

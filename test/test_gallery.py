@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from esam_core.config import Config
-from esam_core.gallery import Gallery, greedy_groups
-from esam_core.masks import greedy_nms, pairwise_iou
+from esam_core.gallery import Gallery
+from esam_core.masks import greedy_nms, mask_nms, pairwise_intersection, pairwise_iou
 from esam_core.scene import Scene, SceneBackend, random_scene
 
 H, W = 48, 64
@@ -113,9 +113,10 @@ def test_covering_modes():
     assert not each.covering(a, torch.zeros(H, W, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("budget", [1 << 24, 0])  # one float copy, or chunked per kept mask
-def test_greedy_groups_equals_greedy_nms_on_pairwise_iou(monkeypatch, budget: int):
-    monkeypatch.setattr("esam_core.gallery._FLOAT_BUDGET", budget)
+@pytest.mark.parametrize("budget", [1 << 24, 0])  # large products, or one column at a time
+def test_gallery_grouping_equals_greedy_nms_on_pairwise_iou(monkeypatch, budget: int):
+    """Eq.6 groups guidance masks with ``masks.mask_nms`` (the one NMS gallery, MMG and EMR use)."""
+    monkeypatch.setattr("esam_core.masks._FLOAT_BUDGET", budget)
     rng = np.random.default_rng(3)
     boxes = []
     for _ in range(30):
@@ -127,10 +128,56 @@ def test_greedy_groups_equals_greedy_nms_on_pairwise_iou(monkeypatch, budget: in
     scores = torch.tensor(rng.choice([0.8, 0.9, 0.95], len(masks)), dtype=torch.float32)
     for thr in (0.3, 0.8):
         keep, assign = greedy_nms(pairwise_iou(masks), scores, thr)
-        k2, a2 = greedy_groups(masks, scores, thr)
+        k2, a2 = (t.numpy() for t in mask_nms(masks, scores, thr))
         assert np.array_equal(keep.numpy(), k2) and np.array_equal(assign.numpy(), a2)
-    _, same = greedy_groups(masks, scores, None)  # identical masks only
+    _, same = (t.numpy() for t in mask_nms(masks, scores, None))  # identical masks only
     assert np.array_equal(same[30:40], same[:10]) and len(set(same[:30].tolist())) == 30
+
+
+def reference_covering(gallery: Gallery, a: torch.Tensor, b: torch.Tensor, cfg: Config):
+    """Eq.8 on the full, uncropped candidate masks, every count taken from the masks."""
+    union = a | b
+    idx = gallery.prompts_in(union)
+    if idx.size == 0 or not bool(a.any()) or not bool(b.any()):
+        return None
+    cand = gallery.masks(idx)[0].flatten(0, 1)
+    inter = pairwise_intersection(cand, torch.stack([a, b, union]))
+    area = cand.flatten(1).sum(1).float()
+    iou_u = inter[:, 2] / (area + float(union.sum()) - inter[:, 2]).clamp(min=1.0)
+    if cfg["emr.gallery_match"] == "cover_each":
+        ok = (inter[:, :2] / torch.stack([a.sum(), b.sum()]).float() >= 0.5).all(1)
+    else:
+        ok = iou_u >= cfg["mmg.gamma_o"]
+    return cand[int(torch.where(ok, iou_u, -1.0).argmax())] if bool(ok.any()) else None
+
+
+@pytest.mark.parametrize("match", ["cover_each", "iou_union"])
+def test_covering_mask_equals_the_uncropped_reference(match: str):
+    # covering_mask crops the candidates to the box of a ∪ b and reads |g| from stored areas.
+    scene = random_scene(H, W, n_objects=8, seed=5)
+    rng = np.random.default_rng(2)
+    leaves = np.unique(scene.leaves)
+    for leaf in leaves:  # best-level masks differ from the object level
+        scene.iou[int(leaf)] = tuple(rng.choice([0.8, 0.9, 0.97], 3))
+    cfg = config(emr__gallery_match=match, emr__gallery_cover=0.5)
+    gallery = Gallery(SceneBackend(scene), cfg)
+    found = 0
+    for trial in range(30):
+        regions = []
+        for _ in range(2):
+            if trial % 2:  # scene leaves: pieces of one object are often covered
+                m = torch.from_numpy(scene.members(int(rng.choice(leaves))))
+            else:
+                r0, c0 = rng.integers(0, H - 6), rng.integers(0, W - 6)
+                m = torch.zeros(H, W, dtype=torch.bool)
+                m[r0:r0 + rng.integers(3, 30), c0:c0 + rng.integers(3, 40)] = True
+            regions.append(m)
+        got, want = gallery.covering_mask(*regions), reference_covering(gallery, *regions, cfg)
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)
+            found += 1
+    assert 0 < found < 30
 
 
 class _RecordingBackend(SceneBackend):
