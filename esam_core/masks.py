@@ -16,7 +16,7 @@ _CHUNK = 512
 #: Most mask cells ``mask_nms`` converts to float at once (64 MB of float32).
 _FLOAT_BUDGET = 1 << 24
 #: Candidates ``mask_nms`` resolves per block (next unassigned masks by score).
-_BLOCK = 64
+_BLOCK = 32
 
 
 def mask_areas(masks: torch.Tensor) -> torch.Tensor:
