@@ -106,10 +106,11 @@ class DepthInput:
         depth_qos = QoSProfile(depth=max(qos.depth, 5), reliability=qos.reliability)
         # Best effort accepts reliable and best-effort (and latched) camera_info publishers.
         info_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
-        for name, mtype, cb, q in ((topic(cam, "depth"), Image, self._on_depth, depth_qos),
-                                   (topic(cam, "camera_info"), CameraInfo, self._on_info,
-                                    info_qos)):
+        self.subscriptions = [  # kept for a lifecycle deactivate to destroy them
             node.create_subscription(mtype, name, cb, q, event_callbacks=events(name))
+            for name, mtype, cb, q in ((topic(cam, "depth"), Image, self._on_depth, depth_qos),
+                                       (topic(cam, "camera_info"), CameraInfo, self._on_info,
+                                        info_qos))]
 
     @property
     def camera_info(self) -> CameraInfo | None:
@@ -175,6 +176,7 @@ class CameraSpatial:
         self.depth = (DepthInput(node, cam, cfg, params, stats, qos, events)
                       if cfg["depth.enabled"] else None)
         self._last_stamp = -math.inf
+        self.subscriptions = [] if self.depth is None else self.depth.subscriptions
         stats.spatial_enabled(cam, self.depth is not None, bool(cfg["tracking.enabled"]))
 
     def set_config(self, cfg: Config) -> None:
@@ -243,7 +245,6 @@ def entity_array(header: Any, result: EntitySegmentation) -> EntityArray:
             ent.size = Vector3(x=float(e.size[0]), y=float(e.size[1]), z=float(e.size[2]))
         out.entities.append(ent)
     return out
-
 
 
 def image_msg(header: Any, fields: dict[str, Any]) -> Image:

@@ -90,12 +90,17 @@ def descriptor(name: str, p: Param) -> ParameterDescriptor:
 def declare_all(node: Node) -> dict[str, Any]:
     """Declare every parameter on ``node`` and return the validated values by dotted name.
 
+    A parameter already declared (a lifecycle node configured again) keeps its current value.
+
     Raises:
         ConfigError: one line naming the first invalid parameter (wrong type, out of range,
             not one of the choices), e.g. from the ``--params-file``.
     """
     values: dict[str, Any] = {}
     for name, p in ALL_PARAMETERS.items():
+        if node.has_parameter(name):
+            values[name] = check_value(name, node.get_parameter(name).value)
+            continue
         default = list(p.default) if isinstance(p.default, (list, tuple)) else p.default
         try:
             param = node.declare_parameter(name, default, descriptor(name, p))

@@ -1,0 +1,225 @@
+"""What esam_node (``EsamNode``) and esam_lifecycle_node (``EsamLifecycleNode``) share: the
+``EsamRuntime`` mixin and ``run``, the executables' main.
+
+``EsamRuntime`` goes in front of ``rclpy.node.Node`` or ``rclpy.lifecycle.LifecycleNode`` and
+gives the node its life in four steps, which the plain node runs at once and the lifecycle node
+from its transitions:
+    _declare        parameters (validated), cameras, counters
+    _load_model     the EntitySegmenter (the slow part; a missing checkpoint raises here)
+    _start_io/_stop_io  subscriptions, publishers, /diagnostics timer and the worker thread
+    _release_model  drop the model and return cached CUDA memory
+
+The frame path (one-slot input, worker thread, publishing) is ``esam_ros.node_worker``.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+
+from esam_core.config import PARAMETERS, Config, ConfigError
+from esam_core.weights import CheckpointError
+from esam_ros.msg import EntityArray
+from esam_ros.node_depth import CameraSpatial, qos_events, topic
+from esam_ros.node_params import changes_from, declare_all, undeclared_overrides
+from esam_ros.node_stats import NodeStats
+from esam_ros.node_worker import CameraState, FrameWorker
+
+
+class StartupError(Exception):
+    """The node could not start; ``run`` logs the message as one fatal line."""
+
+
+class EsamRuntime(FrameWorker):
+    """Mixin for an rclpy ``Node``: parameters, model, per-camera I/O, worker, publishing."""
+
+    def _init_runtime(self) -> None:
+        """Empty state (call first, in ``__init__``)."""
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._io: list[tuple[Callable[[Any], Any], Any]] = []  # (destroy, entity) of _start_io
+        self._cfg: Config | None = None
+        self._cfg_dirty = False
+        self.params: dict[str, Any] = {}
+        self.cameras: dict[str, CameraState] = {}
+        self.segmenter: Any = None
+        self.device = "none"
+        self.model_name = ""
+
+    def _declare(self) -> None:
+        """Declare (or re-read) and validate every parameter; cameras and counters.
+
+        Raises:
+            ConfigError: one line naming the first invalid parameter.
+        """
+        params = declare_all(self)
+        for name in undeclared_overrides(self):
+            self.get_logger().warning(f"unknown parameter '{name}' ignored (typo?)")
+        with self._cond:
+            self.params = params
+            self._cfg = Config({k: v for k, v in params.items() if k in PARAMETERS})
+            self._cfg_dirty = False
+        self._last_log: dict[tuple[str, str], float] = {}
+        self._downscale_logged: set[str] = set()
+        self.cameras = {c: CameraState(c) for c in params["cameras"]}
+        self.stats = NodeStats(list(self.cameras))
+
+    def _load_model(self, segmenter: Any = None) -> None:
+        """Use ``segmenter`` (tests), else build one from the current parameters (slow).
+
+        Raises:
+            CheckpointError: the checkpoint is missing (the message gives path and fix).
+            ValueError: an unusable ``model.device``.
+        """
+        if segmenter is None:
+            from esam_core.pipeline import EntitySegmenter
+
+            with self._cond:  # the new model starts from the current values
+                cfg, self._cfg_dirty = self._cfg, False
+            self.get_logger().info(f"loading model {cfg['model.type']} ...")
+            self.model_name = cfg["model.type"]
+            segmenter = EntitySegmenter(cfg)
+        else:
+            self.model_name = type(segmenter).__name__
+        self.segmenter = segmenter
+        self.device = str(segmenter.device)
+
+    def _release_model(self) -> None:
+        """Drop the model; with CUDA, hand the cached memory back to the driver."""
+        segmenter, self.segmenter = self.segmenter, None
+        release = getattr(segmenter, "release", None)
+        if release is not None:
+            release()
+        del segmenter
+        gc.collect()  # also what the track masks of the dropped CameraSpatial held
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _ready_text(self) -> str:
+        return (f"model {self.model_name} on {self.device}, cameras "
+                f"{[c or '/' for c in self.cameras]}, input {self.params['input_transport']}, "
+                f"QoS {self.params['qos.reliability']} depth {self.params['qos.depth']}")
+
+    def _start_io(self) -> None:
+        """Subscriptions, publishers, the /diagnostics timer, then the worker thread."""
+        for cam in self.cameras.values():
+            cam.slot = None  # nothing left over from before a deactivate
+        self._create_io()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="esam_worker", daemon=True)
+        self._worker.start()
+
+    def _create_io(self) -> None:
+        compressed = self.params["input_transport"] == "compressed"
+        reliability = (ReliabilityPolicy.RELIABLE if self.params["qos.reliability"] == "reliable"
+                       else ReliabilityPolicy.BEST_EFFORT)
+        qos_in = QoSProfile(depth=self.params["qos.depth"], reliability=reliability)
+        qos_out = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+        for cam in self.cameras.values():
+            events = functools.partial(qos_events, self, cam)  # events(topic): QoS warnings
+            name = topic(cam.name, "image/compressed" if compressed else "image")
+            sub = self.create_subscription(
+                CompressedImage if compressed else Image, name,
+                lambda msg, c=cam: self._on_image(c, msg), qos_in, event_callbacks=events(name))
+            self._io.append((self.destroy_subscription, sub))
+            cam.spatial = CameraSpatial(self, cam.name, self._cfg, self.params, self.stats,
+                                        qos_in, events, functools.partial(self._warn, cam))
+            self._io += [(self.destroy_subscription, s) for s in cam.spatial.subscriptions]
+            for attr, mtype, out in (("pub_entities", EntityArray, "entities"),
+                                     ("pub_labels", Image, "entity_labels"),
+                                     ("pub_overlay", Image, "entity_overlay")):
+                setattr(cam, attr, self.create_publisher(mtype, topic(cam.name, out), qos_out))
+                self._io.append((self.destroy_publisher, getattr(cam, attr)))
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        timer = self.create_timer(self.params["diagnostics_period"], self._publish_diagnostics)
+        self._io += [(self.destroy_publisher, self._diag_pub), (self.destroy_timer, timer)]
+
+    def _stop_worker(self) -> None:
+        """Stop the worker, letting a frame in flight finish."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout=30.0)
+
+    def _stop_io(self) -> None:
+        """Stop the worker, then destroy everything ``_start_io`` created (track ids included)."""
+        self._stop_worker()
+        self._worker = None
+        for destroy, entity in reversed(self._io):
+            destroy(entity)
+        self._io = []
+        for cam in self.cameras.values():
+            cam.slot = cam.spatial = None
+            cam.pub_entities = cam.pub_labels = cam.pub_overlay = None
+
+    # --- executor side ----------------------------------------------------------------------
+
+    def _on_set_parameters(self, params: list) -> SetParametersResult:
+        try:
+            changes = changes_from(params)
+        except ConfigError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        esam = {k: v for k, v in changes.items() if k in PARAMETERS}
+        with self._cond:
+            if esam and self._cfg is not None:
+                self._cfg = self._cfg.updated(esam)
+                self._cfg_dirty = True  # the worker applies it before its next frame
+            self.params.update(changes)
+        if changes:
+            self.get_logger().info(f"parameters changed (from the next frame): {changes}")
+        return SetParametersResult(successful=True)
+
+    def _publish_diagnostics(self) -> None:
+        self._diag_pub.publish(self.stats.diagnostics(
+            self.get_fully_qualified_name(), self.device, self.get_clock().now().to_msg()))
+
+
+def run(make_node: Callable[[], Any], name: str, args: list[str] | None) -> int:
+    """Init rclpy, build the node with ``make_node`` and spin it until Ctrl-C.
+
+    Returns the exit code: 0 on a normal stop, 1 on a start-up error (logged as one fatal line
+    naming the parameter, or the checkpoint path tried and how to get it).
+    """
+    try:
+        rclpy.init(args=args)
+    except Exception as exc:  # e.g. a params file that is not valid YAML
+        print(f"[FATAL] [{name}]: cannot start: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    logger, node, code = rclpy.logging.get_logger(name), None, 0
+    try:
+        node = make_node()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ConfigError as exc:  # one line naming the parameter
+        logger.fatal(f"invalid configuration: {exc}")
+        code = 1
+    except (CheckpointError, ValueError, StartupError) as exc:  # missing weights (path, how
+        logger.fatal(str(exc))  # to get them), an unusable model.device, a failed autostart
+        code = 1
+    except Exception:
+        logger.fatal(f"unexpected error while starting or running:\n{traceback.format_exc()}")
+        code = 1
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code
