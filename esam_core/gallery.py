@@ -172,13 +172,26 @@ class Gallery:
             return None
         self._ensure(idx)
         t = torch.as_tensor(idx, device=self._masks.device)
-        # |g ∩ a|, |g ∩ b| and |g ∩ (a ∪ b)| only see the cells of a ∪ b: one chunked pass over
-        # the candidates cropped to its box; |g| comes from the areas stored at decoding.
-        rr, cc = union.any(1).nonzero()[:, 0], union.any(0).nonzero()[:, 0]
-        box = (slice(int(rr[0]), int(rr[-1]) + 1), slice(int(cc[0]), int(cc[-1]) + 1))
-        crop = self._masks[(t, slice(None)) + box].flatten(0, 1)  # (2n, h', w')
-        inter = pairwise_intersection(crop, torch.stack([a[box], b[box], union[box]]))
-        area = self._areas[t].flatten().float()
+        cand = torch.arange(2 * idx.size, device=t.device)  # prompt k // 2, level k % 2
+        # Cheap necessary conditions first, exact counts for the survivors only: cover_each
+        # needs half of the smaller mask (a small box), then of the larger; iou_union needs
+        # min(|g|, |a ∪ b|) / max(...) >= gamma_O (stored areas). Survivors keep their order, so
+        # the arg-max below picks the same mask as over all candidates.
+        if self.cfg["emr.gallery_match"] == "cover_each":
+            for m in sorted((a, b), key=lambda x: int(x.sum())):
+                share = self._crop_counts(t, cand, m[None])[:, 0] / m.sum().float()
+                cand = cand[share >= self.cfg["emr.gallery_cover"]]
+        else:
+            g_area = self._areas[t].flatten()[cand].cpu().numpy()
+            u_area = int(union.sum())
+            bound = np.minimum(g_area, u_area) / np.maximum(np.maximum(g_area, u_area), 1)
+            keep = bound >= float(self.cfg["mmg.gamma_o"]) - 1e-6  # slack: float32 rounding
+            cand = cand[torch.as_tensor(keep, device=cand.device)]
+        if cand.numel() == 0:
+            return None
+        # |g ∩ a|, |g ∩ b|, |g ∩ (a ∪ b)| (cropped to the box of a ∪ b) and |g| (stored).
+        inter = self._crop_counts(t, cand, torch.stack([a, b, union]))
+        area = self._areas[t].flatten()[cand].float()
         iou_u = inter[:, 2] / (area + float(union.sum()) - inter[:, 2]).clamp(min=1.0)
         if self.cfg["emr.gallery_match"] == "cover_each":
             share = inter[:, :2] / torch.stack([a.sum(), b.sum()]).float()
@@ -187,8 +200,19 @@ class Gallery:
             ok = iou_u >= self.cfg["mmg.gamma_o"]
         if not bool(ok.any()):
             return None
-        k = int(torch.where(ok, iou_u, -1.0).argmax())
+        k = int(cand[int(torch.where(ok, iou_u, -1.0).argmax())])
         return self._masks[int(idx[k // 2]), k % 2].clone()
+
+    def _crop_counts(self, t: torch.Tensor, cand: torch.Tensor, refs: torch.Tensor
+                     ) -> torch.Tensor:
+        """|g ∩ r| for candidates ``cand`` (prompt ``t[k // 2]``, level ``k % 2``) and masks
+        refs (R, h, w): (len(cand), R) float32, only the box of refs' union is read."""
+        rr, cc = refs.any(0).any(1).nonzero()[:, 0], refs.any(0).any(0).nonzero()[:, 0]
+        if cand.numel() == 0 or rr.numel() == 0:
+            return torch.zeros(cand.numel(), refs.shape[0], device=refs.device)
+        box = (slice(int(rr[0]), int(rr[-1]) + 1), slice(int(cc[0]), int(cc[-1]) + 1))
+        crop = self._masks[(t[cand // 2], cand % 2) + box]  # (len(cand), h', w')
+        return pairwise_intersection(crop, refs[(slice(None),) + box])
 
     def covering(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Whether some gallery mask encompasses both a and b (``covering_mask`` is not None)."""

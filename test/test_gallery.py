@@ -145,7 +145,8 @@ def reference_covering(gallery: Gallery, a: torch.Tensor, b: torch.Tensor, cfg: 
     area = cand.flatten(1).sum(1).float()
     iou_u = inter[:, 2] / (area + float(union.sum()) - inter[:, 2]).clamp(min=1.0)
     if cfg["emr.gallery_match"] == "cover_each":
-        ok = (inter[:, :2] / torch.stack([a.sum(), b.sum()]).float() >= 0.5).all(1)
+        share = inter[:, :2] / torch.stack([a.sum(), b.sum()]).float()
+        ok = (share >= cfg["emr.gallery_cover"]).all(1)
     else:
         ok = iou_u >= cfg["mmg.gamma_o"]
     return cand[int(torch.where(ok, iou_u, -1.0).argmax())] if bool(ok.any()) else None
@@ -159,7 +160,7 @@ def test_covering_mask_equals_the_uncropped_reference(match: str):
     leaves = np.unique(scene.leaves)
     for leaf in leaves:  # best-level masks differ from the object level
         scene.iou[int(leaf)] = tuple(rng.choice([0.8, 0.9, 0.97], 3))
-    cfg = config(emr__gallery_match=match, emr__gallery_cover=0.5)
+    cfg = config(emr__gallery_match=match, emr__gallery_cover=0.5, mmg__gamma_o=0.4)
     gallery = Gallery(SceneBackend(scene), cfg)
     found = 0
     for trial in range(30):
