@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from esam_core.masks import mask_areas
 from esam_core.types import Decoded
 
 #: Multimask output order: index of (subpart, part, whole) in the returned triple.
@@ -134,8 +135,8 @@ class SceneBackend:
         self.decoded_prompts += len(pts)
         lg = torch.from_numpy(logits).to(self.device)
         # Logits are +-10 everywhere, so SAM's stability score would be 1; keep it honest anyway.
-        inter = (lg > 1.0).flatten(2).sum(-1).float()
-        union = (lg > -1.0).flatten(2).sum(-1).float().clamp(min=1.0)
+        inter = mask_areas((lg > 1.0).flatten(0, 1)).view(len(pts), 3).float()
+        union = mask_areas((lg > -1.0).flatten(0, 1)).view(len(pts), 3).float().clamp(min=1.0)
         return Decoded(points=pts, logits=lg, iou=torch.from_numpy(iou).to(self.device),
                        stability=inter / union)
 
