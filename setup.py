@@ -14,6 +14,7 @@ setup(
         "console_scripts": [
             "esam = esam_ros.cli:main",
             "esam_node = esam_ros.esam_node:main",
+            "esam_lifecycle_node = esam_ros.esam_lifecycle_node:main",
         ]
     },
 )

@@ -7,6 +7,9 @@ Arguments (``ros2 launch esam_ros esam.launch.py --show-args``):
     device           model.device override: auto | cpu | cuda | cuda:N ('' = as in params_file)
     use_sim_time     true while replaying a bag with --clock
     input_transport  raw | compressed ('' = as in params_file); compressed reads <image>/compressed
+    lifecycle        true: esam_lifecycle_node, the managed variant (frees the model's memory
+                     while inactive); it configures and activates itself unless the parameter
+                     file sets autostart: false (then drive it with `ros2 lifecycle set`)
 
 The node command is built by ``node_ros_args`` (no launch import), so tests run exactly the same
 ``esam_node --ros-args ...`` where launch_ros is not installed. The model loads before the node
@@ -20,7 +23,12 @@ import tempfile
 
 import yaml
 
-NODE_NAME = "esam_node"
+NODE_NAME = "esam_node"  # both executables use it, so params_file sections match either
+
+
+def node_executable(lifecycle: bool) -> str:
+    """The executable ``lifecycle:=true|false`` starts."""
+    return "esam_lifecycle_node" if lifecycle else "esam_node"
 
 
 def params_file_for(params_file: str, namespace: str) -> str:
@@ -69,9 +77,16 @@ def _launch_setup(context, *_, **__):
         return LaunchConfiguration(name).perform(context)
 
     namespace = arg("namespace")
+    lifecycle = arg("lifecycle").lower() == "true"
     ros_args = node_ros_args(arg("params_file"), arg("image"), namespace, arg("device"),
                              arg("use_sim_time").lower() == "true", arg("input_transport"))
-    return [Node(package="esam_ros", executable="esam_node", name=NODE_NAME,
+    action = Node
+    if lifecycle:
+        try:  # the action that knows lifecycle events (launch_ros of Humble and newer)
+            from launch_ros.actions import LifecycleNode as action
+        except ImportError:
+            pass
+    return [action(package="esam_ros", executable=node_executable(lifecycle), name=NODE_NAME,
                  namespace=namespace, arguments=["--ros-args", *ros_args], output="screen",
                  emulate_tty=True)]
 
@@ -99,5 +114,8 @@ def generate_launch_description():
                               choices=["", "raw", "compressed"],
                               description="raw Image or CompressedImage ('' = as in "
                                           "params_file)"),
+        DeclareLaunchArgument("lifecycle", default_value="false", choices=["true", "false"],
+                              description="start the managed (lifecycle) node "
+                                          "esam_lifecycle_node instead of esam_node"),
         OpaqueFunction(function=_launch_setup),
     ])

@@ -42,7 +42,7 @@ def test_launch_description_arguments() -> None:
         pytest.skip(f"esam_ros share directory not found: {exc}")
     args = {a.name: a for a in description.entities if isinstance(a, DeclareLaunchArgument)}
     assert set(args) == {"params_file", "image", "namespace", "device", "use_sim_time",
-                         "input_transport"}
+                         "input_transport", "lifecycle"}
     assert args["input_transport"].choices == ["", "raw", "compressed"]
 
 
