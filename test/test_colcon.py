@@ -46,7 +46,7 @@ def test_install_layout(install_space: Path):
     for path in ("package.xml", "msg/Entity.msg", "msg/EntityArray.msg",
                  "launch/esam.launch.py", "config/esam.yaml"):
         assert (share / path).is_file(), path
-    for exe in ("esam_node", "esam"):
+    for exe in ("esam_node", "esam_lifecycle_node", "esam"):
         assert os.access(install_space / "lib" / "esam_ros" / exe, os.X_OK), exe
     index = install_space / "share" / "ament_index" / "resource_index"
     assert (index / "packages" / "esam_ros").exists()
