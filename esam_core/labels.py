@@ -44,29 +44,37 @@ def entity_scores(iou: np.ndarray, stability: np.ndarray, areas: np.ndarray, ima
 def paint_entities(ents: Entities, backend: PromptBackend) -> np.ndarray:
     """Paint working-grid entities at the image size: (H, W) int32 index into ``ents`` (-1 = none).
 
-    Each entity's logits are kept positive on the cells it owns, negative elsewhere (strongly so
-    on cells another entity owns), upsampled bilinearly, and every pixel goes to the entity with
-    the largest positive value. Mask edges keep SAM's sub-cell precision; carved edges fall midway.
+    *Whether* a pixel is labelled comes from one coverage field: positive on owned cells (the
+    owner's logit), the strongest negative SAM logit elsewhere, upsampled bilinearly, so outer
+    edges keep SAM's sub-cell precision. *Who* gets it is the entity whose own field (positive on
+    its cells, strongly negative on cells another entity owns) is largest there, so a carved edge
+    between two touching entities falls midway and leaves no unlabelled seam.
     """
     hh, ww = backend.image_hw
     n = len(ents)
     if n == 0:
         return np.full((hh, ww), -1, np.int32)
-    owner_count = ents.own.sum(0)
-    best_val = torch.zeros(hh, ww, device=ents.own.device)
-    best_idx = torch.full((hh, ww), -1, dtype=torch.long, device=ents.own.device)
+    own = ents.own
+    logits = ents.logits.float()
+    owned = own.any(0)
+    owner_logit = torch.where(own, logits.clamp(min=_EPS), torch.zeros_like(logits)).amax(0)
+    outside = logits.clamp(max=-_EPS).amax(0)
+    coverage = backend.upsample_logits(torch.where(owned, owner_logit, outside)[None])[0]
+    owner_count = own.sum(0)
+    best_val = torch.full((hh, ww), -float("inf"), device=own.device)
+    best_idx = torch.full((hh, ww), -1, dtype=torch.long, device=own.device)
     for start in range(0, n, _CHUNK):
-        own = ents.own[start:start + _CHUNK]
-        logits = ents.logits[start:start + _CHUNK].float()
-        others = (owner_count[None] - own.long()) > 0
-        field = torch.where(own, logits.clamp(min=_EPS),
-                            torch.where(others, torch.full_like(logits, _FORBIDDEN),
-                                        logits.clamp(max=-_EPS)))
-        up = backend.upsample_logits(field)
-        val, idx = up.max(0)
+        own_c = own[start:start + _CHUNK]
+        lg = logits[start:start + _CHUNK]
+        others = (owner_count[None] - own_c.long()) > 0
+        field = torch.where(own_c, lg.clamp(min=_EPS),
+                            torch.where(others, torch.full_like(lg, _FORBIDDEN),
+                                        lg.clamp(max=-_EPS)))
+        val, idx = backend.upsample_logits(field).max(0)
         better = val > best_val
         best_val = torch.where(better, val, best_val)
         best_idx = torch.where(better, idx + start, best_idx)
+    best_idx = torch.where(coverage > 0, best_idx, torch.full_like(best_idx, -1))
     return best_idx.cpu().numpy().astype(np.int32)
 
 

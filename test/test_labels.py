@@ -73,3 +73,19 @@ def test_paint_entities_respects_ownership_at_full_size():
     index = paint_entities(ents, backend)
     assert index.shape == (40, 60)
     assert (index[:, :29] == 0).all() and (index[:, 31:] == 1).all()
+
+
+def test_touching_entities_leave_no_unlabelled_seam():
+    # Every working cell is owned; painting at 4x must label every pixel (no gap at carved edges).
+    leaves = np.zeros((64, 96), np.int32)
+    backend = SceneBackend(Scene(leaves), lowres_scale=0.25)  # working grid 16x24
+    own = torch.zeros(3, 16, 24, dtype=torch.bool)
+    own[0, :, :9], own[1, :, 9:17], own[2, :, 17:] = True, True, True
+    # SAM masks overlap (EMR carved them apart): each covers more than it owns.
+    logits = torch.full((3, 16, 24), -8.0)
+    logits[0, :, :13], logits[1, :, 5:21], logits[2, :, 13:] = 6.0, 7.0, 5.0
+    ents = Entities(own, logits, torch.tensor([0.9, 0.8, 0.7]), torch.ones(3))
+    index = paint_entities(ents, backend)
+    assert (index >= 0).all()
+    assert (index[:, :30] == 0).all() and (index[:, 40:60] == 1).all()
+    assert (index[:, 75:] == 2).all()
