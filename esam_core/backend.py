@@ -24,6 +24,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 from segment_anything.utils.amg import calculate_stability_score
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from esam_core.config import PARAMETERS, Config, ConfigError
 from esam_core.types import Decoded
@@ -208,9 +209,15 @@ class SamBackend:
             raise ValueError(f"set_image: expected dtype uint8, got {rgb.dtype}")
         if self.predictor is None:
             raise RuntimeError("SamBackend was released; build a new one")
+        size = self.predictor.model.image_encoder.img_size
+        if min(ResizeLongestSide.get_preprocess_shape(rgb.shape[0], rgb.shape[1], size)) < 1:
+            raise ValueError(f"set_image: image of shape {rgb.shape} is too elongated: its short "
+                             f"side vanishes when the long side is resized to {size}")
         with torch.inference_mode(), self.autocast():
             self.predictor.set_image(rgb, image_format="RGB")
-        size = self.predictor.model.image_encoder.img_size
+        # Only the encoder runs in reduced precision: bf16 would round the decoder's predicted
+        # IoU to steps of 1/256, and every threshold and ranking of E-SAM reads those scores.
+        self.predictor.features = self.predictor.features.float()
         side = size // 4  # the mask decoder predicts img_size/4 squared over the padded input
         in_h, in_w = self.predictor.input_size
         self._lowres_hw = (-(-in_h * side // size), -(-in_w * side // size))  # ceil
@@ -245,7 +252,7 @@ class SamBackend:
         labels = torch.ones((n, 1), dtype=torch.int, device=self.device)
         batch = self.cfg["model.points_per_batch"]
         offset = self.cfg["sam.stability_score_offset"]
-        with torch.inference_mode(), self.autocast():
+        with torch.inference_mode():
             for s in range(0, n, batch):
                 low, quality = self._predict_lowres(coords[s:s + batch], labels[s:s + batch])
                 low = low[:, :, :h, :w].float()

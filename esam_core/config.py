@@ -60,7 +60,7 @@ PARAMETERS: dict[str, Param] = {
     "model.device": Param("auto", "auto | cpu | cuda | cuda:N", dynamic=False),
     "model.precision": _c("fp32", ("fp32", "bf16", "fp16"),
                           "SAM precision (bf16/fp16 on CUDA only)", dynamic=False),
-    "model.points_per_batch": _i(64, 1, 4096, "point prompts decoded per decoder call"),
+    "model.points_per_batch": _i(64, 1, 1024, "prompts per decoder call (~28 MB each, fp32)"),
     "model.test_tiny_img_size": _i(256, 64, 1024, "test_tiny SAM input size", dynamic=False),
     "model.seed": _i(0, 0, 2**31 - 1, "seed of the test_tiny random weights", dynamic=False),
     # --- what runs ---------------------------------------------------------------------

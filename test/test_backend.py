@@ -300,3 +300,12 @@ def test_not_a_state_dict(tmp_path):
     with pytest.raises(CheckpointError, match="not a SAM state_dict") as exc:
         build_sam_model(Config({"model.type": "vit_b", "model.checkpoint": str(path)}))
     assert_names_fix(exc, str(path))
+
+
+def test_too_elongated_image_is_a_clear_error(backend, image):
+    size = backend.model.image_encoder.img_size
+    with pytest.raises(ValueError, match="too elongated"):
+        backend.set_image(np.zeros((1, 2 * size + 2, 3), np.uint8))
+    backend.set_image(image)  # the backend stays usable
+    assert backend.image_hw == image.shape[:2]
+    assert backend.predictor.features.dtype == torch.float32
