@@ -22,6 +22,8 @@ from esam_core.types import Entities, MaskSet
 #: Logit given to cells that ``gallery_union`` adds to an entity outside its SAM masks, so that
 #: painting (which keeps only positive logits) shows them.
 _ADDED_LOGIT = 1.0
+#: Centroid rows per similarity chunk in Eq.7 (bounds the chunk x K float buffer).
+_TOPK_ROWS = 2048
 
 
 def _entities(own: torch.Tensor, masks: MaskSet, keep: torch.Tensor) -> Entities:
@@ -180,9 +182,14 @@ def similarity_matrix(own: torch.Tensor, centroid_cells: tuple[np.ndarray, np.nd
         return torch.zeros(n, n, device=own.device)
     a = own[:, rows, cols].T.float()  # (K, N) one-hot owner, or all zero
     f = torch.nn.functional.normalize(features.float().to(own.device), dim=1)
-    sim = f @ f.T
-    sim.fill_diagonal_(float("-inf"))
-    top = sim.topk(k, dim=1).indices  # (K, k)
+    # Top_k in row chunks: a dense K x K similarity matrix grows with the square of the
+    # superpixel count (tens of thousands with small Felzenszwalb scales).
+    top = torch.empty((k_all, k), dtype=torch.long, device=own.device)
+    for start in range(0, k_all, _TOPK_ROWS):
+        sim = f[start:start + _TOPK_ROWS] @ f.T
+        local = torch.arange(sim.shape[0], device=own.device)
+        sim[local, local + start] = float("-inf")  # a centroid is not its own neighbour
+        top[start:start + _TOPK_ROWS] = sim.topk(k, dim=1).indices
     counts = a[top].sum(1)  # (K, N): neighbours of c in each entity
     size = a.sum(0)  # |C_i|
     return (a.T @ counts) / size.clamp(min=1.0)[:, None]

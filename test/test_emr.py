@@ -300,3 +300,17 @@ def test_split_equals_the_recounting_reference(assign: str, order: str, fallback
     ents = emr.split_overlaps(objects, gallery, cfg)
     assert torch.equal(ents.own, want[want.flatten(1).any(1)])
     assert not torch.equal(want, objects.masks)  # something was carved
+
+
+def test_similarity_chunks_equal_dense(monkeypatch):
+    import esam_core.emr as emr_module
+
+    rng = np.random.default_rng(0)
+    k_all, n = 300, 5
+    labels = torch.as_tensor(rng.integers(0, n, (20, 30)))
+    own = torch.stack([labels == i for i in range(n)])
+    cells = (rng.integers(0, 20, k_all), rng.integers(0, 30, k_all))
+    feats = torch.as_tensor(rng.normal(size=(k_all, 8)), dtype=torch.float32)
+    dense = emr_module.similarity_matrix(own, cells, feats, 3)
+    monkeypatch.setattr(emr_module, "_TOPK_ROWS", 7)
+    assert torch.equal(emr_module.similarity_matrix(own, cells, feats, 3), dense)
