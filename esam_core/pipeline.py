@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 import cv2
@@ -21,7 +22,7 @@ from esam_core.config import PARAMETERS, Config, ConfigError
 from esam_core.gallery import Gallery
 from esam_core.labels import build_label_map, entity_scores, paint_entities, paint_masks
 from esam_core.masks import to_cells
-from esam_core.superpixels import compute_superpixels, density_map
+from esam_core.superpixels import density_map, felzenszwalb_labels, superpixels_from_labels
 from esam_core.types import Decoded, Entities, EntitySegmentation, MaskSet, PromptBackend
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class EntitySegmenter:
             backend = SamBackend(cfg)
         self.backend = backend
         self._cfg = cfg
+        self._threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esam-superpixels")
 
     @property
     def config(self) -> Config:
@@ -146,6 +148,7 @@ class EntitySegmenter:
 
     def release(self) -> None:
         """Free the model (and GPU memory); the segmenter cannot be used afterwards."""
+        self._threads.shutdown(wait=True)
         release = getattr(self.backend, "release", None)
         if release is not None:
             release()
@@ -160,10 +163,13 @@ class EntitySegmenter:
         if mode == "amg" and hasattr(self.backend, "amg_generator"):
             index, scores = self._amg(rgb, cfg, stages)
         else:
+            # Superpixels need only the image: Felzenszwalb runs on the CPU while SAM encodes.
+            superpixels = (self._threads.submit(_timed, felzenszwalb_labels, rgb, cfg)
+                           if mode == "esam" else None)
             with stages("encoder"):
                 self.backend.set_image(rgb)
             backend = _CountingBackend(self.backend, stages)
-            ents = self._entities(rgb, cfg, backend, stages)
+            ents = self._entities(rgb, cfg, backend, stages, superpixels)
             with stages("paint"):
                 index = paint_entities(ents, self.backend)
                 hh, ww = rgb.shape[:2]
@@ -192,8 +198,8 @@ class EntitySegmenter:
                                cfg["output.score"])
         return paint_masks(masks, scores), scores
 
-    def _entities(self, rgb: np.ndarray, cfg: Config, backend: PromptBackend,
-                  stages: _Stages) -> Entities:
+    def _entities(self, rgb: np.ndarray, cfg: Config, backend: PromptBackend, stages: _Stages,
+                  superpixels: Future | None) -> Entities:
         """Working-grid entities for `esam`, `sam_o` and (backend without AMG) `amg`."""
         points = mmg.grid_points(cfg["mmg.points_per_side"], backend.image_hw)
         with stages("decode_main"):
@@ -204,8 +210,10 @@ class EntitySegmenter:
                 masks = (mmg.amg_masks(decoded, cfg) if mode == "amg"
                          else mmg.object_level_masks(mmg.sort_levels(decoded), cfg))
                 return emr.entities_by_score(masks)
-        with stages("superpixels"):
-            sp = compute_superpixels(rgb, cfg, backend.lowres_hw, backend.device)
+        with stages("superpixels"):  # the wait only: Felzenszwalb ran beside the encoder
+            (raw, min_size), stages.timings["superpixels_cpu"] = superpixels.result()
+            sp = superpixels_from_labels(raw, rgb.shape[:2], backend.lowres_hw, backend.device,
+                                         min_size)
         with stages("mmg"):
             if cfg["modules.mmg"]:
                 levels = mmg.sort_levels(decoded)
@@ -233,6 +241,12 @@ class EntitySegmenter:
                 ents, counts = usr.refine_under_segmentation(ents, sp, holders, backend, cfg)
                 stages.counts.update({f"usr_{k}": v for k, v in counts.items()})
         return ents
+
+
+def _timed(fn, *args):
+    """``(fn(*args), seconds)``, for work done in the helper thread."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def _concat(a: MaskSet, b: MaskSet) -> MaskSet:

@@ -64,10 +64,17 @@ def compute_superpixels(rgb: np.ndarray, cfg: Config, lowres_hw: tuple[int, int]
     Raises:
         ValueError: the image is not (H, W, 3) uint8, or ``lowres_hw`` is not positive.
     """
-    check_rgb(rgb)
     h, w = (int(v) for v in lowres_hw)
     if h <= 0 or w <= 0:
         raise ValueError(f"working grid must be positive, got {lowres_hw}")
+    raw, min_size = felzenszwalb_labels(rgb, cfg)
+    return superpixels_from_labels(raw, rgb.shape[:2], lowres_hw, device, min_size)
+
+
+def felzenszwalb_labels(rgb: np.ndarray, cfg: Config) -> tuple[np.ndarray, int]:
+    """The expensive, backend-independent half of ``compute_superpixels`` (the pipeline runs it
+    in a thread while SAM encodes): raw (Hs, Ws) labels of the bounded copy, and its min_size."""
+    check_rgb(rgb)
     hh, ww = rgb.shape[:2]
     max_side = int(cfg["superpixel.max_side"])
     ratio = min(1.0, max_side / max(hh, ww))
@@ -81,7 +88,7 @@ def compute_superpixels(rgb: np.ndarray, cfg: Config, lowres_hw: tuple[int, int]
     min_size = max(1, round(int(cfg["superpixel.min_size"]) * area_ratio))
     raw = felzenszwalb(copy, scale=float(cfg["superpixel.scale"]),
                        sigma=float(cfg["superpixel.sigma"]), min_size=min_size)
-    return superpixels_from_labels(raw, (hh, ww), lowres_hw, device, min_size)
+    return raw, min_size
 
 
 def superpixels_from_labels(raw: np.ndarray, image_hw: tuple[int, int],
