@@ -28,8 +28,9 @@ _TOPK_ROWS = 2048
 
 def _entities(own: torch.Tensor, masks: MaskSet, keep: torch.Tensor) -> Entities:
     """Entities from the masks at ``keep`` ((M,) bool) with ownership ``own`` (M, h, w)."""
-    return Entities(own=own[keep], logits=masks.logits[keep], iou=masks.iou[keep],
-                    stability=masks.stability[keep])
+    idx = keep.nonzero()[:, 0]  # one read back instead of one per boolean-mask index
+    return Entities(own=own[idx], logits=masks.logits[idx], iou=masks.iou[idx],
+                    stability=masks.stability[idx])
 
 
 def entities_by_score(masks: MaskSet) -> Entities:
@@ -60,12 +61,20 @@ def _iou(inter: int, area_a: int, area_b: int) -> float:
     return inter / union if union else 0.0
 
 
-def _drop_fragments(mask: torch.Tensor, min_cells: float) -> torch.Tensor:
+def _drop_fragments(mask: np.ndarray, min_cells: float) -> np.ndarray:
     """(h, w) bool without its 8-connected components smaller than ``min_cells``."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.cpu().numpy().astype(np.uint8),
-                                                           connectivity=8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     big = np.nonzero(stats[1:, cv2.CC_STAT_AREA] >= min_cells)[0] + 1
-    return torch.from_numpy(np.isin(labels, big)).to(mask.device)
+    return np.isin(labels, big)
+
+
+def _boxes(masks: np.ndarray) -> np.ndarray:
+    """(M, h, w) bool -> (M, 4) int64 row0, row1, col0, col1 (exclusive ends); empty -> 0s."""
+    rows, cols = masks.any(2), masks.any(1)
+    h, w = rows.shape[1], cols.shape[1]
+    box = np.stack([rows.argmax(1), h - rows[:, ::-1].argmax(1),
+                    cols.argmax(1), w - cols[:, ::-1].argmax(1)], 1)
+    return np.where(rows.any(1)[:, None], box, 0)
 
 
 def split_overlaps(objects: MaskSet, gallery: Gallery, cfg: Config,
@@ -92,58 +101,71 @@ def split_overlaps(objects: MaskSet, gallery: Gallery, cfg: Config,
         Entities in input order, empty ones dropped; ``own`` = the carved masks, ``logits``,
         ``iou`` and ``stability`` from ``objects``.
     """
-    cur = objects.masks.clone()
-    m = cur.shape[0]
+    masks = objects.masks
+    m = masks.shape[0]
     if m < 2:
-        return _entities(cur, objects, cur.flatten(1).any(1))
+        return _entities(masks, objects, masks.flatten(1).any(1))
     delta, assign = float(cfg["emr.delta"]), cfg["emr.overlap_assign"]
-    order = _rank(cur, objects.iou, cfg["emr.pair_order"])
-    inter = pairwise_intersection(cur, cur)[order][:, order]
-    pairs = torch.triu(inter > 0, diagonal=1).nonzero().cpu().numpy()  # rank order, row-major
+    order = _rank(masks, objects.iou, cfg["emr.pair_order"])
+    inter = pairwise_intersection(masks, masks)[order][:, order]
+    pairs = np.argwhere(torch.triu(inter > 0, diagonal=1).cpu().numpy())  # rank order, row-major
     order_np = order.cpu().numpy()
+    # The carving runs on a host copy: a pair then costs no device read at all, and a guided
+    # pair one (its guidance mask). Areas are kept up to date (each removal knows its count),
+    # and the boxes stay valid bounds since carving only removes cells.
+    cur = masks.cpu().numpy()  # masks is a fresh tensor (logits > 0): nothing else sees it
+    area = cur.reshape(m, -1).sum(1)
+    box = _boxes(cur)
     carved = np.zeros(m, dtype=bool)
-    # Areas are kept up to date on the host (each removal knows its cell count), so a pair costs
-    # one device sync for its overlap and one for its IoUs with the guidance mask.
-    area = mask_areas(cur).cpu().numpy()
 
-    def remove(i: int, cells: torch.Tensor, count: int) -> None:
-        cur[i] &= ~cells  # cells always lie inside cur[i]: it loses exactly count cells
+    def remove(i: int, win: tuple[slice, slice], cells: np.ndarray, count: int) -> None:
+        cur[i][win] &= ~cells  # cells always lie inside cur[i]: it loses exactly count cells
         area[i] -= count
         carved[i] = True
 
     for a, b in pairs:
         p, q = int(order_np[a]), int(order_np[b])
-        overlap = cur[p] & cur[q]
-        n = int(overlap.sum())
+        r0, c0 = np.maximum(box[p, [0, 2]], box[q, [0, 2]])
+        r1, c1 = np.minimum(box[p, [1, 3]], box[q, [1, 3]])
+        win = (slice(r0, max(r0, r1)), slice(c0, max(c0, c1)))  # where p and q can meet
+        overlap = cur[p][win] & cur[q][win]
+        n = int(np.count_nonzero(overlap))
         if n == 0:
             continue
         ap, aq = int(area[p]), int(area[q])
         larger = p if ap > aq else q
         if n / max(ap, aq) < delta:  # Eq.5 minor overlap
-            remove(larger, overlap, n)
+            remove(larger, win, overlap, n)
             continue
-        guide = gallery.guidance_mask(overlap)  # Eq.6
+        region = np.zeros(cur.shape[1:], dtype=bool)
+        region[win] = overlap
+        guide = gallery.guidance_mask(region)  # Eq.6
         if guide is None:
             if cfg["emr.no_prompt_fallback"] == "carve_larger":
-                remove(larger, overlap, n)
+                remove(larger, win, overlap, n)
                 continue
-            guide = gallery.guidance_for_prompts(np.array([gallery.nearest_prompt(overlap)]))
-        g = guide[0]
-        ip, iq, ag, og = torch.stack([(cur[p] & g).sum(), (cur[q] & g).sum(), g.sum(),
-                                      (overlap & g).sum()]).tolist()
+            guide = gallery.guidance_for_prompts(np.array([gallery.nearest_prompt(region)]))
+        g = guide[0].cpu().numpy()
+        g_win = g[win]
+        ip, iq = (int(np.count_nonzero(cur[i] & g)) for i in (p, q))
+        ag, og = int(np.count_nonzero(g)), int(np.count_nonzero(overlap & g_win))
         p_wins = _iou(ip, ap, ag) >= _iou(iq, aq, ag)
         better, other = (p, q) if p_wins else (q, p)
         if assign == "whole_to_best_iou":
-            remove(other, overlap, n)
+            remove(other, win, overlap, n)
         else:  # split_by_guidance
-            remove(other, overlap & g, og)
-            remove(better, overlap & ~g, n - og)
+            remove(other, win, overlap & g_win, og)
+            remove(better, win, overlap & ~g_win, n - og)
     frac = float(cfg["emr.min_fragment_frac"])
     if frac > 0:
-        area = image_area_cells if image_area_cells is not None else cur.shape[1] * cur.shape[2]
+        full = image_area_cells if image_area_cells is not None else cur.shape[1] * cur.shape[2]
         for i in np.nonzero(carved)[0]:
-            cur[i] = _drop_fragments(cur[i], frac * area)
-    return _entities(cur, objects, cur.flatten(1).any(1))
+            cur[i] = _drop_fragments(cur[i], frac * full)
+    keep = np.nonzero(cur.reshape(m, -1).any(1))[0]
+    idx = torch.as_tensor(keep, device=masks.device)
+    return Entities(own=torch.from_numpy(cur[keep]).to(masks.device),
+                    logits=objects.logits[idx], iou=objects.iou[idx],
+                    stability=objects.stability[idx])
 
 
 def adjacency(own: torch.Tensor) -> torch.Tensor:
@@ -217,14 +239,9 @@ def merge_entities(ents: Entities, gallery: Gallery,
     cand = torch.maximum(sm, sm.T) >= cfg["emr.sm_threshold"]
     if cfg["emr.require_adjacent"]:
         cand &= adjacency(ents.own)
-    pairs = torch.triu(cand, diagonal=1).nonzero().cpu().numpy()
-    merged: list[tuple[int, int]] = []
-    covers: list[tuple[int, torch.Tensor]] = []
-    for i, j in pairs:
-        g = gallery.covering_mask(ents.own[i], ents.own[j])  # Eq.8
-        if g is not None:
-            merged.append((int(i), int(j)))
-            covers.append((int(i), g))
+    pairs = np.argwhere(torch.triu(cand, diagonal=1).cpu().numpy())
+    covers = gallery.covering_masks(ents.own, pairs)  # Eq.8, all pairs with O(1) syncs
+    merged = [(int(i), int(j)) for (i, j), g in zip(pairs, covers) if g is not None]
     if not merged:
         return ents
     ij = np.array(merged).T
@@ -232,28 +249,36 @@ def merge_entities(ents: Entities, gallery: Gallery,
     _, label = connected_components(graph, directed=False)
     groups = sorted((np.nonzero(label == lab)[0] for lab in np.unique(label)),
                     key=lambda g: int(g[0]))
+    scores = ents.iou.cpu().numpy()
     own, logits, iou, stab = [], [], [], []
     for members in groups:
-        t = torch.as_tensor(members, device=ents.own.device)
-        best = int(t[ents.iou[t].argmax()])
-        own.append(ents.own[t].any(0))
-        logits.append(ents.logits[t].amax(0))
+        best = int(members[np.argmax(scores[members])])  # the first of equal scores
+        first, rest = int(members[0]), [int(k) for k in members[1:]]
+        # OR / max member by member: plain indexing, no index upload, same values as any/amax.
+        o, lg = ents.own[first], ents.logits[first]
+        for k in rest:
+            o, lg = o | ents.own[k], torch.maximum(lg, ents.logits[k])
+        own.append(o)
+        logits.append(lg)
         iou.append(ents.iou[best])
         stab.append(ents.stability[best])
     out = Entities(own=torch.stack(own), logits=torch.stack(logits), iou=torch.stack(iou),
                    stability=torch.stack(stab))
     if cfg["emr.merged_mask"] == "gallery_union":
-        _add_gallery_cells(out, [label[i] for i, _ in covers], [g for _, g in covers],
+        best_scores = np.array([scores[members].max() for members in groups])
+        _add_gallery_cells(out, best_scores, [label[i] for i, _ in merged],
+                           [g for g in covers if g is not None],
                            {int(label[g[0]]): k for k, g in enumerate(groups)})
     return out
 
 
-def _add_gallery_cells(out: Entities, labels: list[int], masks: list[torch.Tensor],
-                       slot: dict[int, int]) -> None:
+def _add_gallery_cells(out: Entities, scores: np.ndarray, labels: list[int],
+                       masks: list[torch.Tensor], slot: dict[int, int]) -> None:
     """``gallery_union``: give each merged entity the unowned cells of its covering gallery
-    masks, best score first, so the entities stay disjoint."""
+    masks, best score first (``scores`` (G,) = ``out.iou`` on the host), so the entities stay
+    disjoint."""
     free = ~out.own.any(0)
-    for k in torch.sort(out.iou, descending=True, stable=True).indices.tolist():
+    for k in np.argsort(-scores, kind="stable").tolist():  # descending, ties in order
         mine = [m for lab, m in zip(labels, masks) if slot[int(lab)] == k]
         if not mine:
             continue

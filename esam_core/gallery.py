@@ -48,9 +48,10 @@ def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch
 class Gallery:
     """Per-prompt O/B masks and scores of the ``gallery.points_per_side`` grid.
 
-    Storage is a preallocated, uninitialised (P, 2, h, w) bool tensor filled as prompts are
-    decoded (never the 3 outputs' float logits of all prompts), plus (P, 2) scores and a
-    ``decoded`` flag per prompt.
+    Storage is a preallocated, uninitialised (P, 2, h, w) bool tensor on the device, filled as
+    prompts are decoded (never the 3 outputs' float logits of all prompts). The (P, 2) scores and
+    areas live on the host: every decision reads them, and a host copy costs one transfer per
+    decoded batch instead of one blocking read per decision.
 
     Attributes:
         points: (P, 2) float64 prompt positions (x, y) in image pixels, AMG's grid order.
@@ -75,8 +76,8 @@ class Gallery:
         # Uninitialised: only decoded prompts are ever read (masks() decodes first), and a lazy
         # gallery never touches the pages of the prompts it does not need.
         self._masks = torch.empty((p, 2, h, w), dtype=torch.bool, device=dev)
-        self._scores = torch.zeros((p, 2), dtype=torch.float32, device=dev)
-        self._areas = torch.zeros((p, 2), dtype=torch.int64, device=dev)
+        self._scores = np.zeros((p, 2), dtype=np.float32)  # host: S^64O, S^64B
+        self._areas = np.zeros((p, 2), dtype=np.int64)  # host: |O|, |B|
         self.decoded = np.zeros(p, dtype=bool)
         if not self.lazy:
             self._ensure(np.arange(p))
@@ -96,34 +97,43 @@ class Gallery:
         for start in range(0, todo.size, batch):
             part = todo[start:start + batch]
             masks, scores, areas = object_and_best(self.backend.decode_points(self.points[part]))
-            t = torch.as_tensor(part, device=self._masks.device)
-            self._masks[t] = masks
-            self._scores[t] = scores
-            self._areas[t] = areas
+            self._masks[torch.as_tensor(part, device=self._masks.device)] = masks
+            # One transfer for both (float64 holds the float32 scores and the counts exactly).
+            host = torch.cat([scores.double(), areas.double()], 1).cpu().numpy()
+            self._scores[part] = host[:, :2]
+            self._areas[part] = host[:, 2:]
             self.decoded[part] = True
 
-    def _check(self, region: torch.Tensor, name: str = "region") -> None:
-        if region.dtype != torch.bool or tuple(region.shape) != self._hw:
+    def _check(self, region: torch.Tensor | np.ndarray, name: str = "region") -> None:
+        boolean = (region.dtype == torch.bool if isinstance(region, torch.Tensor)
+                   else region.dtype == np.bool_)
+        if not boolean or tuple(region.shape) != self._hw:
             raise ValueError(f"{name} must be a bool tensor of the working grid {self._hw}, got "
                              f"{region.dtype} {tuple(region.shape)}")
 
     def masks(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """O and B masks (n, 2, h, w) bool and scores (n, 2) of prompts ``idx`` (decoding them)."""
+        """O and B masks (n, 2, h, w) bool and scores (n, 2) float32 (a host tensor) of prompts
+        ``idx`` (decoding them)."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         self._ensure(idx)
         t = torch.as_tensor(idx, device=self._masks.device)
-        return self._masks[t], self._scores[t]
+        return self._masks[t], torch.from_numpy(self._scores[idx])
 
-    def prompts_in(self, region: torch.Tensor) -> np.ndarray:
-        """Sorted indices (n,) int64 of the prompts whose cell lies in ``region`` ((h, w) bool)."""
+    def prompts_in(self, region: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Sorted indices (n,) int64 of the prompts whose cell lies in ``region`` ((h, w) bool,
+        a tensor or a host array)."""
         self._check(region)
-        return region[self._rows, self._cols].nonzero()[:, 0].cpu().numpy()
+        if isinstance(region, torch.Tensor):  # one transfer of P flags
+            inside = region[self._rows, self._cols].cpu().numpy()
+        else:
+            inside = region[self.cells[0], self.cells[1]]
+        return np.nonzero(inside)[0].astype(np.int64)
 
-    def nearest_prompt(self, region: torch.Tensor) -> int:
-        """The prompt whose cell is nearest (Euclidean, in cells) to a cell of a non-empty region;
-        the first in grid order on ties."""
+    def nearest_prompt(self, region: torch.Tensor | np.ndarray) -> int:
+        """The prompt whose cell is nearest (Euclidean, in cells) to a cell of a non-empty region
+        (a tensor or a host array); the first in grid order on ties."""
         self._check(region)
-        reg = region.cpu().numpy()
+        reg = region.cpu().numpy() if isinstance(region, torch.Tensor) else region
         if not reg.any():
             raise ValueError("nearest_prompt: the region is empty")
         # Distance of every cell to the nearest region cell (region cells are the zeros).
@@ -141,18 +151,23 @@ class Gallery:
         idx = np.unique(np.asarray(idx, dtype=np.int64))
         if idx.size == 0:
             return None
-        masks, scores = self.masks(idx)
-        level = ((scores[:, BEST] - scores[:, OBJECT]) >= self.cfg["emr.tau"]).long()
-        rows = torch.arange(idx.size, device=masks.device)
-        guides, gscores = masks[rows, level], scores[rows, level]
-        thr = float(self.cfg["mmg.theta_o"]) if self.cfg["gallery.nms"] else None
-        kept, assign = (t.numpy() for t in mask_nms(guides, gscores, thr))
-        counts = np.bincount(assign, minlength=idx.size)
-        # kept is in descending score order, so the first maximum breaks count ties by score.
-        best = int(kept[int(np.argmax(counts[kept]))])
-        return guides[best], float(gscores[best])
+        self._ensure(idx)
+        scores = self._scores[idx]  # float32 arithmetic, as the device did it
+        level = ((scores[:, BEST] - scores[:, OBJECT]) >= self.cfg["emr.tau"]).astype(np.int64)
+        gscores = scores[np.arange(idx.size), level]
+        best = 0  # a single prompt is its own group
+        if idx.size > 1:
+            t = torch.as_tensor(np.stack([idx, level]), device=self._masks.device)
+            thr = float(self.cfg["mmg.theta_o"]) if self.cfg["gallery.nms"] else None
+            kept, assign = (x.numpy() for x in mask_nms(self._masks[t[0], t[1]],
+                                                        torch.from_numpy(gscores), thr))
+            counts = np.bincount(assign, minlength=idx.size)
+            # kept is in descending score order, so the first maximum breaks count ties by score.
+            best = int(kept[int(np.argmax(counts[kept]))])
+        return self._masks[int(idx[best]), int(level[best])].clone(), float(gscores[best])
 
-    def guidance_mask(self, region: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    def guidance_mask(self, region: torch.Tensor | np.ndarray
+                      ) -> tuple[torch.Tensor, float] | None:
         """Eq.6 for the prompts inside ``region`` ((h, w) bool); None if no prompt lies in it."""
         return self.guidance_for_prompts(self.prompts_in(region))
 
@@ -166,53 +181,90 @@ class Gallery:
         """
         self._check(a, "a")
         self._check(b, "b")
+        return self.covering_masks(torch.stack([a, b]), np.array([[0, 1]]))[0]
+
+    def covering_masks(self, masks: torch.Tensor, pairs: np.ndarray
+                       ) -> list[torch.Tensor | None]:
+        """``covering_mask(masks[i], masks[j])`` for every row (i, j) of ``pairs`` (K, 2).
+
+        masks: (N, h, w) bool. Every pair's answer is computed on the device without a read
+        back; one transfer brings the masks to the host (prompts, areas and boxes are counted
+        there) and one brings all K answers back, so the cost does not grow by a blocking sync
+        per pair. Prompts are decoded in pair order, as K calls of ``covering_mask`` would.
+        """
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if len(pairs) == 0:
+            return []
+        if masks.dtype != torch.bool or tuple(masks.shape[1:]) != self._hw:
+            raise ValueError(f"masks must be (N, {self._hw[0]}, {self._hw[1]}) bool, got "
+                             f"{masks.dtype} {tuple(masks.shape)}")
+        host = masks.cpu().numpy()
+        plans = [self._cover_plan(host[i], host[j]) for i, j in pairs]
+        if all(plan is None for plan in plans):
+            return [None] * len(pairs)
+        # One upload for all pairs: per pair |a|, |b|, then its candidates' prompts, levels, |g|.
+        vals = [plan[0] for plan in plans if plan is not None]
+        up = torch.as_tensor(np.concatenate(vals), device=self._masks.device)
+        found, off = [], 0
+        for (i, j), plan in zip(pairs, plans):
+            if plan is None:
+                continue
+            size, c = plan[0].size, (plan[0].size - 2) // 3
+            ab, (prompt, level, area) = up[off:off + 2], up[off + 2:off + size].view(3, c)
+            off += size
+            box = plan[2]
+            crop = self._masks[(prompt, level) + box]  # (C, h', w')
+            ref = torch.stack([masks[int(i)], masks[int(j)]])[(slice(None),) + box]
+            # |g ∩ a|, |g ∩ b|, |g ∩ (a ∪ b)| on the box of a ∪ b; |g| from the stored areas.
+            inter = pairwise_intersection(crop, torch.cat([ref, ref.any(0, keepdim=True)]))
+            iou_u = inter[:, 2] / (area.float() + float(plan[1]) - inter[:, 2]).clamp(min=1.0)
+            if self.cfg["emr.gallery_match"] == "cover_each":
+                share = inter[:, :2] / ab.float()
+                ok = (share >= self.cfg["emr.gallery_cover"]).all(1)
+            else:
+                ok = iou_u >= self.cfg["mmg.gamma_o"]
+            found.append(torch.stack([torch.where(ok, iou_u, -1.0).argmax(), ok.any().long()]))
+        answers = iter(torch.stack(found).cpu().numpy())
+        out: list[torch.Tensor | None] = []
+        for plan in plans:
+            k, hit = next(answers) if plan is not None else (0, 0)
+            if not hit:
+                out.append(None)
+                continue
+            c = (plan[0].size - 2) // 3
+            prompt, level = plan[0][2 + k], plan[0][2 + c + k]
+            out.append(self._masks[int(prompt), int(level)].clone())
+        return out
+
+    def _cover_plan(self, a: np.ndarray, b: np.ndarray
+                    ) -> tuple[np.ndarray, int, tuple[slice, slice]] | None:
+        """Host half of Eq.8 for one pair of (h, w) bool arrays: None when no candidate can
+        match, else the (2 + 3C,) int64 values to upload (|a|, |b|, then the C candidates'
+        prompts, levels and areas), |a ∪ b| and the box of a ∪ b."""
         union = a | b
         idx = self.prompts_in(union)
-        if idx.size == 0 or not bool(a.any()) or not bool(b.any()):
+        n_a, n_b = np.count_nonzero(a), np.count_nonzero(b)
+        if idx.size == 0 or n_a == 0 or n_b == 0:
             return None
         self._ensure(idx)
-        t = torch.as_tensor(idx, device=self._masks.device)
-        cand = torch.arange(2 * idx.size, device=t.device)  # prompt k // 2, level k % 2
-        # Cheap necessary conditions first, exact counts for the survivors only: cover_each
-        # needs half of the smaller mask (a small box), then of the larger; iou_union needs
-        # min(|g|, |a ∪ b|) / max(...) >= gamma_O (stored areas). Survivors keep their order, so
-        # the arg-max below picks the same mask as over all candidates.
+        n_union = np.count_nonzero(union)
+        g_area = self._areas[idx].reshape(-1)  # candidate k: prompt idx[k // 2], level k % 2
+        # Necessary conditions on the stored areas (IoU and shares are at most the area ratio);
+        # the slack absorbs float32 rounding. Survivors keep their order, so the arg-max on the
+        # device picks the same mask as over all candidates.
         if self.cfg["emr.gallery_match"] == "cover_each":
-            for m in sorted((a, b), key=lambda x: int(x.sum())):
-                share = self._crop_counts(t, cand, m[None])[:, 0] / m.sum().float()
-                cand = cand[share >= self.cfg["emr.gallery_cover"]]
+            need = float(self.cfg["emr.gallery_cover"]) - 1e-6
+            keep = g_area >= need * max(n_a, n_b)
         else:
-            g_area = self._areas[t].flatten()[cand].cpu().numpy()
-            u_area = int(union.sum())
-            bound = np.minimum(g_area, u_area) / np.maximum(np.maximum(g_area, u_area), 1)
-            keep = bound >= float(self.cfg["mmg.gamma_o"]) - 1e-6  # slack: float32 rounding
-            cand = cand[torch.as_tensor(keep, device=cand.device)]
-        if cand.numel() == 0:
+            bound = np.minimum(g_area, n_union) / np.maximum(np.maximum(g_area, n_union), 1)
+            keep = bound >= float(self.cfg["mmg.gamma_o"]) - 1e-6
+        cand = np.nonzero(keep)[0]
+        if cand.size == 0:
             return None
-        # |g ∩ a|, |g ∩ b|, |g ∩ (a ∪ b)| (cropped to the box of a ∪ b) and |g| (stored).
-        inter = self._crop_counts(t, cand, torch.stack([a, b, union]))
-        area = self._areas[t].flatten()[cand].float()
-        iou_u = inter[:, 2] / (area + float(union.sum()) - inter[:, 2]).clamp(min=1.0)
-        if self.cfg["emr.gallery_match"] == "cover_each":
-            share = inter[:, :2] / torch.stack([a.sum(), b.sum()]).float()
-            ok = (share >= self.cfg["emr.gallery_cover"]).all(1)
-        else:
-            ok = iou_u >= self.cfg["mmg.gamma_o"]
-        if not bool(ok.any()):
-            return None
-        k = int(cand[int(torch.where(ok, iou_u, -1.0).argmax())])
-        return self._masks[int(idx[k // 2]), k % 2].clone()
-
-    def _crop_counts(self, t: torch.Tensor, cand: torch.Tensor, refs: torch.Tensor
-                     ) -> torch.Tensor:
-        """|g ∩ r| for candidates ``cand`` (prompt ``t[k // 2]``, level ``k % 2``) and masks
-        refs (R, h, w): (len(cand), R) float32, only the box of refs' union is read."""
-        rr, cc = refs.any(0).any(1).nonzero()[:, 0], refs.any(0).any(0).nonzero()[:, 0]
-        if cand.numel() == 0 or rr.numel() == 0:
-            return torch.zeros(cand.numel(), refs.shape[0], device=refs.device)
-        box = (slice(int(rr[0]), int(rr[-1]) + 1), slice(int(cc[0]), int(cc[-1]) + 1))
-        crop = self._masks[(t[cand // 2], cand % 2) + box]  # (len(cand), h', w')
-        return pairwise_intersection(crop, refs[(slice(None),) + box])
+        rows, cols = np.nonzero(union.any(1))[0], np.nonzero(union.any(0))[0]
+        box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        vals = np.concatenate([[n_a, n_b], idx[cand // 2], cand % 2, g_area[cand]])
+        return vals.astype(np.int64), int(n_union), box
 
     def covering(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Whether some gallery mask encompasses both a and b (``covering_mask`` is not None)."""

@@ -8,9 +8,14 @@ entity (Eq.10), skipping regions that earlier additions already filled.
 
 Entities are held here as one owner map (h, w) int64 (-1 = uncovered): they are disjoint, so M_A's
 overlap with every entity is a bincount over M_A's cells, not an (N, h, w) product per region.
+The greedy pass is a sequence of small decisions, so the owner map, the entity areas and the M_A
+masks live on the host (the working grid has some 50k cells): a region then costs no blocking
+device read; the device keeps the logits, updated once at the end.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,61 +36,74 @@ def owner_map(own: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: two entities share a cell.
     """
+    return torch.from_numpy(_owner_host(own)).to(own.device)
+
+
+def _owner_host(own: torch.Tensor) -> np.ndarray:
+    """``owner_map`` as a host array, with one device read."""
     n, h, w = own.shape
-    if n and bool((own.sum(0) > 1).any()):
+    if n == 0:
+        return np.full((h, w), -1, dtype=np.int64)
+    count = own.sum(0, dtype=torch.int32)
+    first = own.view(torch.uint8).argmax(0)  # the owner where count == 1; no N x h x w copy
+    owner = torch.where(count == 1, first, torch.where(count == 0, -1, -2)).cpu().numpy()
+    if (owner == -2).any():
         raise ValueError("entities overlap: USR needs a non-overlapping entity map")
-    owner = torch.full((h, w), -1, dtype=torch.long, device=own.device)
-    if n:
-        hit = own.any(0)
-        owner[hit] = own.long().argmax(0)[hit]
     return owner
 
 
-def region_containment(region_of_cell: torch.Tensor, n_regions: int,
+def region_containment(region_of_cell: torch.Tensor | np.ndarray, n_regions: int,
                        holders: torch.Tensor) -> torch.Tensor:
     """Cells of each region inside each holder mask.
 
     Args:
-        region_of_cell: (h, w) int64 region index per cell, -1 outside every region.
+        region_of_cell: (h, w) int64 region index per cell, -1 outside every region (a tensor
+            or a host array).
         holders: (H, h, w) bool masks.
     Returns:
         (R, H) float32 counts |region_r ∩ holder_j| (a scatter-add over cells, O(h·w·H)).
     """
     out = torch.zeros(n_regions, holders.shape[0], device=holders.device)
-    inside = region_of_cell.flatten() >= 0
-    rows = region_of_cell.flatten()[inside]
-    if n_regions == 0 or rows.numel() == 0:
+    region = (region_of_cell.cpu().numpy() if isinstance(region_of_cell, torch.Tensor)
+              else np.asarray(region_of_cell)).reshape(-1)
+    inside = np.nonzero(region >= 0)[0]
+    if n_regions == 0 or inside.size == 0:
         return out
-    flat = holders.flatten(1)[:, inside]  # (H, cells in regions)
+    cells, rows = torch.as_tensor(np.stack([inside, region[inside]]), device=holders.device)
+    flat = holders.flatten(1)[:, cells]  # (H, cells in regions)
     for j in range(0, flat.shape[0], _CHUNK):
         out[:, j:j + _CHUNK].index_add_(0, rows, flat[j:j + _CHUNK].T.float())
     return out
 
 
 def _prompts(region_cells: list[np.ndarray], lowres_hw: tuple[int, int], holders: MaskSet,
-             region_of_cell: torch.Tensor, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+             region_of_cell: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """Eq.9: one prompt cell per region. Returns (R, 2) int64 (row, col) and (R,) holder index
     used (-1 = the region's own interior point)."""
     h, w = lowres_hw
     n = len(region_cells)
     holder_idx = np.full(n, -1, dtype=np.int64)
+    cache: dict[int, tuple[int, int] | None] = {}
     if len(holders):
         hmasks = holders.masks
-        inter = region_containment(region_of_cell, n, hmasks).cpu().numpy()
+        inter = region_containment(region_of_cell, n, hmasks)
+        # One read for both (float32 holds the cell counts exactly).
+        host = torch.cat([inter, mask_areas(hmasks).float()[None]]).cpu().numpy()
+        inter, areas = host[:-1], host[-1].astype(np.float64)
         sizes = np.array([c.size for c in region_cells], dtype=np.float64)
         contained = inter >= float(cfg["usr.containment_thresh"]) * sizes[:, None]
-        areas = mask_areas(hmasks).cpu().numpy().astype(np.float64)
         # Smallest containing mask = the most specific one; "largest" is the ablation.
         key = areas if cfg["usr.containing_mask"] == "smallest" else -areas
         ranked = np.where(contained, key[None, :], np.inf)
         has = contained.any(1)
         holder_idx[has] = ranked[has].argmin(1)
+        used = np.unique(holder_idx[has])
+        if used.size:  # the holders that give prompts, in one read
+            picked = hmasks[torch.as_tensor(used, device=hmasks.device)].cpu().numpy()
+            cache = {int(j): interior_point(m) for j, m in zip(used, picked)}
     cells = np.zeros((n, 2), dtype=np.int64)
-    cache: dict[int, tuple[int, int] | None] = {}
     for r in range(n):
         j = int(holder_idx[r])
-        if j >= 0 and j not in cache:
-            cache[j] = interior_point(holders.masks[j].cpu().numpy())
         point = cache[j] if j >= 0 else None
         if point is None:  # no holder (or an empty one): the region's own interior point
             holder_idx[r] = -1
@@ -120,66 +138,69 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
         if shape != (h, w):
             raise ValueError(f"{name} are {shape}, the working grid is {(h, w)}")
     device = sp.cells.device
-    owner = owner_map(entities.own.to(device))
-    covered = owner >= 0
-    cells = sp.cells.flatten()
+    owner = _owner_host(entities.own)  # host (h, w) int64, as the rest of the greedy state
+    flat_owner = owner.reshape(-1)
+    cells = sp.cells.cpu().numpy().reshape(-1)
 
     # Remaining regions: superpixels (as seen on the working grid) covered < coverage_thresh.
+    # float32 as on the device: thresh * size and the comparison round the same way.
     thresh = float(cfg["usr.coverage_thresh"])
-    size = torch.bincount(cells, minlength=sp.count)
-    cov = torch.bincount(cells[covered.flatten()], minlength=sp.count)
-    remaining = ((size > 0) & (cov.float() < thresh * size.float())).nonzero()[:, 0]
-    uncovered = (size - cov)[remaining]
+    size = np.bincount(cells, minlength=sp.count)
+    cov = np.bincount(cells[flat_owner >= 0], minlength=sp.count)
+    remaining = np.nonzero((size > 0) & (cov.astype(np.float32)
+                                         < thresh * size.astype(np.float32)))[0]
     # Greedy order: largest uncovered area first (usr.order; ties by superpixel id).
-    remaining = remaining[torch.sort(uncovered, descending=True, stable=True).indices]
-    n_regions = int(remaining.numel())
+    remaining = remaining[np.argsort(-(size - cov)[remaining], kind="stable")]
+    n_regions = int(remaining.size)
     counts = {"regions": n_regions, "prompts": 0, "merged": 0, "added": 0,
               "skipped_covered": 0, "skipped_nothing_new": 0}
     if n_regions == 0:
         return _drop_empty(entities), counts
 
-    region_id = torch.full((sp.count,), -1, dtype=torch.long, device=device)
-    region_id[remaining] = torch.arange(n_regions, device=device)
-    region_of_cell = torch.where(covered.flatten(), -1, region_id[cells])
-    region_cells = _group_cells(region_of_cell.cpu().numpy(), n_regions)
+    region_id = np.full(sp.count, -1, dtype=np.int64)
+    region_id[remaining] = np.arange(n_regions)
+    region_of_cell = np.where(flat_owner >= 0, -1, region_id[cells])
+    region_cells = _group_cells(region_of_cell, n_regions)
 
-    prompt_cells, _ = _prompts(region_cells, (h, w), holders, region_of_cell.view(h, w), cfg)
+    prompt_cells, _ = _prompts(region_cells, (h, w), holders, region_of_cell.reshape(h, w), cfg)
     # Regions inside the same holder share one prompt: decode each distinct prompt once.
     unique_cells, prompt_of_region = np.unique(prompt_cells, axis=0, return_inverse=True)
     points = cells_to_image(unique_cells[:, 0], unique_cells[:, 1], backend.image_hw, (h, w))
     extra = _LazyExtraMasks(backend, points, prompt_of_region.reshape(-1), cfg, device)
     logits = list(entities.logits.to(device).unbind(0))
-    iou, stab = entities.iou.tolist(), entities.stability.tolist()
-    by_superpixel = _group_cells(cells.cpu().numpy(), sp.count)
-    sp_cells = [torch.as_tensor(by_superpixel[k], device=device) for k in remaining.tolist()]
+    iou, stab = torch.stack([entities.iou, entities.stability]).tolist()
+    by_superpixel = _group_cells(cells, sp.count)
+    sp_cells = [by_superpixel[k] for k in remaining]
     uncovered_only = bool(cfg["usr.write_uncovered_only"])
     rho = float(cfg["usr.rho"])
-    flat_owner = owner.view(-1)
+    areas = np.bincount(flat_owner[flat_owner >= 0], minlength=len(logits))
+    fused: list[tuple[int, np.ndarray, torch.Tensor]] = []  # logits updates, applied at the end
+
+    def still_open(q: int) -> bool:
+        return _covered(flat_owner[sp_cells[q]]) < thresh
+
     for r in range(n_regions):
-        k_cells = sp_cells[r]
-        if float((flat_owner[k_cells] >= 0).float().mean()) >= thresh:
+        if not still_open(r):
             counts["skipped_covered"] += 1  # filled by earlier additions
             continue
-        a_logits, a_iou, a_stab = extra.get(r, lambda q: float(
-            (flat_owner[sp_cells[q]] >= 0).float().mean()) < thresh)
-        a = a_logits > 0
+        a, a_logits, a_iou, a_stab = extra.get(r, still_open)
         write = a & (owner < 0) if uncovered_only else a
-        if not bool(write.any()):
+        if not write.any():
             counts["skipped_nothing_new"] += 1
             continue
-        # Eq.10 on the raw M_A: IoU with every entity from a bincount of owners under M_A.
+        # Eq.10 on the raw M_A: IoU with every entity from a bincount of owners under M_A,
+        # in float32 as on the device.
         n_ent = len(logits)
         target = -1
         if n_ent:
-            inter = torch.bincount(owner[a & (owner >= 0)], minlength=n_ent).float()
-            areas = torch.bincount(flat_owner[flat_owner >= 0], minlength=n_ent).float()
-            ious = inter / (a.sum().float() + areas - inter).clamp(min=1.0)
-            best = int(ious.argmax())
+            inter = np.bincount(owner[a & (owner >= 0)], minlength=n_ent).astype(np.float32)
+            union = np.float32(np.count_nonzero(a)) + areas.astype(np.float32) - inter
+            ious = inter / np.maximum(union, np.float32(1.0))
+            best = int(np.argmax(ious))
             if float(ious[best]) > rho:
                 target = best
         if target >= 0:
-            logits[target] = torch.where(write, torch.maximum(logits[target], a_logits),
-                                         logits[target])
+            fused.append((target, write, a_logits))
             if a_iou > iou[target]:
                 iou[target], stab[target] = a_iou, a_stab
             counts["merged"] += 1
@@ -188,17 +209,32 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
             logits.append(a_logits)
             iou.append(a_iou)
             stab.append(a_stab)
+            areas = np.append(areas, 0)
             counts["added"] += 1
-        owner[write] = target  # with write-all, this also takes the cells from other entities
+        # With write-all, this also takes the cells from other entities.
+        taken = owner[write]
+        areas -= np.bincount(taken[taken >= 0], minlength=areas.size)
+        areas[target] += taken.size
+        owner[write] = target
 
     counts["prompts"] = extra.decoded
-    n_ent = len(logits)
-    own = owner[None] == torch.arange(n_ent, device=device)[:, None, None]
-    out = Entities(own=own,
-                   logits=torch.stack(logits) if n_ent else entities.logits.to(device),
-                   iou=torch.tensor(iou, dtype=torch.float32, device=device),
-                   stability=torch.tensor(stab, dtype=torch.float32, device=device))
-    return _drop_empty(out), counts
+    if fused:  # in order: a later fusion into the same entity sees the earlier ones
+        writes = torch.from_numpy(np.stack([wr for _, wr, _ in fused])).to(device)
+        for k, (target, _, a_logits) in enumerate(fused):
+            logits[target] = torch.where(writes[k], torch.maximum(logits[target], a_logits),
+                                         logits[target])
+    keep = np.nonzero(areas > 0)[0]  # entities left without a cell are dropped
+    idx = torch.as_tensor(keep, device=device)
+    scores = torch.as_tensor(np.array([iou, stab], dtype=np.float32)[:, keep], device=device)
+    out = Entities(own=torch.from_numpy(owner).to(device)[None] == idx[:, None, None],
+                   logits=(torch.stack(logits) if logits else entities.logits.to(device))[idx],
+                   iou=scores[0], stability=scores[1])
+    return out, counts
+
+
+def _covered(owners: np.ndarray) -> float:
+    """Covered fraction of cells with these owners, rounded to float32 as torch's mean."""
+    return float(np.float32(np.count_nonzero(owners >= 0)) / np.float32(owners.size))
 
 
 class _LazyExtraMasks:
@@ -214,14 +250,15 @@ class _LazyExtraMasks:
         self._batch = int(cfg["model.points_per_batch"])
         self._best = cfg["usr.sam_output"] == "best_score"
         self._device = device
-        self._cache: dict[int, tuple[torch.Tensor, float, float]] = {}
+        self._cache: dict[int, tuple[np.ndarray, torch.Tensor, float, float]] = {}
 
     @property
     def decoded(self) -> int:
         return len(self._cache)
 
-    def get(self, region: int, still_open) -> tuple[torch.Tensor, float, float]:
-        """(h, w) logits, predicted IoU and stability of region's M_A.
+    def get(self, region: int, still_open: Callable[[int], bool]
+            ) -> tuple[np.ndarray, torch.Tensor, float, float]:
+        """Region's M_A: (h, w) bool host mask, (h, w) logits, predicted IoU and stability.
 
         ``still_open(q)`` says whether a later region q may still need its mask; those are decoded
         together with this one to fill the batch.
@@ -237,9 +274,10 @@ class _LazyExtraMasks:
                     wanted.append(pq)
             levels = sort_levels(self._backend.decode_points(self._points[wanted]))
             extra = levels.best if self._best else levels.object
+            masks = (extra.logits > 0).cpu().numpy()  # two reads per decoded batch
+            iou, stab = torch.stack([extra.iou, extra.stability]).tolist()
             for i, pq in enumerate(wanted):
-                self._cache[pq] = (extra.logits[i].to(self._device), float(extra.iou[i]),
-                                   float(extra.stability[i]))
+                self._cache[pq] = (masks[i], extra.logits[i].to(self._device), iou[i], stab[i])
         return self._cache[p]
 
 
@@ -252,6 +290,6 @@ def _group_cells(label: np.ndarray, n: int) -> list[np.ndarray]:
 
 def _drop_empty(ent: Entities) -> Entities:
     """Entities that own at least one cell, in their order."""
-    keep = ent.own.flatten(1).any(1)
+    keep = ent.own.flatten(1).any(1).nonzero()[:, 0]  # one read, then plain gathers
     return Entities(own=ent.own[keep], logits=ent.logits[keep], iou=ent.iou[keep],
                     stability=ent.stability[keep])
