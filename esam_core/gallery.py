@@ -10,6 +10,8 @@ mode, which decodes every prompt up front (docs/architecture.md, "Gallery: lazy 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cv2
 import numpy as np
 import torch
@@ -43,6 +45,24 @@ def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch
     masks = torch.stack([fg[rows, o], fg[rows, b]], 1)
     scores = torch.stack([decoded.iou[rows, o], decoded.iou[rows, b]], 1).float()
     return masks, scores, torch.stack([areas[rows, o], areas[rows, b]], 1)
+
+
+class _Plan(NamedTuple):
+    """Host half of Eq.8 for one pair (a, b) = (masks[i], masks[j])."""
+
+    index: int  # position in the list of pairs
+    pair: tuple[int, int]
+    cand: np.ndarray  # (3, C) int64: prompt, level (OBJECT / BEST) and |g| of the candidates
+    counts: np.ndarray  # (3,) int64: |a|, |b|, |a ∪ b|
+    box: tuple[slice, slice]  # of a ∪ b
+    small: int  # 0 if |a| <= |b| else 1
+    small_box: tuple[slice, slice]  # of the smaller mask
+
+
+def _box(mask: np.ndarray) -> tuple[slice, slice]:
+    """Bounding box slices of a non-empty (h, w) bool array."""
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 class Gallery:
@@ -187,60 +207,78 @@ class Gallery:
                        ) -> list[torch.Tensor | None]:
         """``covering_mask(masks[i], masks[j])`` for every row (i, j) of ``pairs`` (K, 2).
 
-        masks: (N, h, w) bool. Every pair's answer is computed on the device without a read
-        back; one transfer brings the masks to the host (prompts, areas and boxes are counted
-        there) and one brings all K answers back, so the cost does not grow by a blocking sync
-        per pair. Prompts are decoded in pair order, as K calls of ``covering_mask`` would.
+        masks: (N, h, w) bool. The pairs are answered together, so that the device is read a
+        fixed number of times however many pairs there are: once for the masks (prompts, areas
+        and boxes are counted on the host), once for the ``cover_each`` pre-test, once for all
+        answers. Prompts are decoded in pair order, as K calls of ``covering_mask`` would.
         """
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        if len(pairs) == 0:
-            return []
         if masks.dtype != torch.bool or tuple(masks.shape[1:]) != self._hw:
             raise ValueError(f"masks must be (N, {self._hw[0]}, {self._hw[1]}) bool, got "
                              f"{masks.dtype} {tuple(masks.shape)}")
+        out: list[torch.Tensor | None] = [None] * len(pairs)
+        if len(pairs) == 0:
+            return out
         host = masks.cpu().numpy()
-        plans = [self._cover_plan(host[i], host[j]) for i, j in pairs]
-        if all(plan is None for plan in plans):
-            return [None] * len(pairs)
-        # One upload for all pairs: per pair |a|, |b|, then its candidates' prompts, levels, |g|.
-        vals = [plan[0] for plan in plans if plan is not None]
-        up = torch.as_tensor(np.concatenate(vals), device=self._masks.device)
-        found, off = [], 0
-        for (i, j), plan in zip(pairs, plans):
-            if plan is None:
-                continue
-            size, c = plan[0].size, (plan[0].size - 2) // 3
-            ab, (prompt, level, area) = up[off:off + 2], up[off + 2:off + size].view(3, c)
-            off += size
-            box = plan[2]
-            crop = self._masks[(prompt, level) + box]  # (C, h', w')
-            ref = torch.stack([masks[int(i)], masks[int(j)]])[(slice(None),) + box]
+        plans = [self._cover_plan(k, (int(i), int(j)), host[i], host[j])
+                 for k, (i, j) in enumerate(pairs)]
+        live = [plan for plan in plans if plan is not None]
+        if live and self.cfg["emr.gallery_match"] == "cover_each":
+            live = self._cover_smaller(masks, live)
+        if not live:
+            return out
+        found = []
+        for plan, (cand, counts) in zip(live, self._upload(live)):
+            crop = self._masks[(cand[0], cand[1]) + plan.box]  # (C, h', w')
+            ref = torch.stack([masks[k] for k in plan.pair])[(slice(None),) + plan.box]
             # |g ∩ a|, |g ∩ b|, |g ∩ (a ∪ b)| on the box of a ∪ b; |g| from the stored areas.
             inter = pairwise_intersection(crop, torch.cat([ref, ref.any(0, keepdim=True)]))
-            iou_u = inter[:, 2] / (area.float() + float(plan[1]) - inter[:, 2]).clamp(min=1.0)
+            union = cand[2].float() + float(plan.counts[2]) - inter[:, 2]
+            iou_u = inter[:, 2] / union.clamp(min=1.0)
             if self.cfg["emr.gallery_match"] == "cover_each":
-                share = inter[:, :2] / ab.float()
+                share = inter[:, :2] / counts[:2].float()
                 ok = (share >= self.cfg["emr.gallery_cover"]).all(1)
             else:
                 ok = iou_u >= self.cfg["mmg.gamma_o"]
             found.append(torch.stack([torch.where(ok, iou_u, -1.0).argmax(), ok.any().long()]))
-        answers = iter(torch.stack(found).cpu().numpy())
-        out: list[torch.Tensor | None] = []
-        for plan in plans:
-            k, hit = next(answers) if plan is not None else (0, 0)
-            if not hit:
-                out.append(None)
-                continue
-            c = (plan[0].size - 2) // 3
-            prompt, level = plan[0][2 + k], plan[0][2 + c + k]
-            out.append(self._masks[int(prompt), int(level)].clone())
+        for plan, (k, hit) in zip(live, torch.stack(found).cpu().numpy()):
+            if hit:
+                out[plan.index] = self._masks[int(plan.cand[0, k]), int(plan.cand[1, k])].clone()
         return out
 
-    def _cover_plan(self, a: np.ndarray, b: np.ndarray
-                    ) -> tuple[np.ndarray, int, tuple[slice, slice]] | None:
+    def _upload(self, plans: list[_Plan]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The plans' candidates (3, C) and counts (3,) on the device, in one transfer."""
+        flat = np.concatenate([np.concatenate([p.counts, p.cand.ravel()]) for p in plans])
+        up = torch.as_tensor(flat, device=self._masks.device)
+        out, off = [], 0
+        for p in plans:
+            c = p.cand.shape[1]
+            out.append((up[off + 3:off + 3 + 3 * c].view(3, c), up[off:off + 3]))
+            off += 3 + 3 * c
+        return out
+
+    def _cover_smaller(self, masks: torch.Tensor, plans: list[_Plan]) -> list[_Plan]:
+        """``cover_each`` pre-test: candidates that cover enough of the smaller mask, counted
+        exactly on its (small) box. The final test repeats it, so only failures are dropped."""
+        flags = []
+        for plan, (cand, counts) in zip(plans, self._upload(plans)):
+            small = masks[plan.pair[plan.small]][plan.small_box]
+            crop = self._masks[(cand[0], cand[1]) + plan.small_box]
+            share = pairwise_intersection(crop, small[None])[:, 0] / counts[plan.small].float()
+            flags.append(share >= self.cfg["emr.gallery_cover"])
+        keep = torch.cat(flags).cpu().numpy()
+        out, off = [], 0
+        for plan in plans:
+            k = keep[off:off + plan.cand.shape[1]]
+            off += k.size
+            if k.any():
+                out.append(plan._replace(cand=plan.cand[:, k]))
+        return out
+
+    def _cover_plan(self, index: int, pair: tuple[int, int], a: np.ndarray, b: np.ndarray
+                    ) -> _Plan | None:
         """Host half of Eq.8 for one pair of (h, w) bool arrays: None when no candidate can
-        match, else the (2 + 3C,) int64 values to upload (|a|, |b|, then the C candidates'
-        prompts, levels and areas), |a ∪ b| and the box of a ∪ b."""
+        match."""
         union = a | b
         idx = self.prompts_in(union)
         n_a, n_b = np.count_nonzero(a), np.count_nonzero(b)
@@ -248,23 +286,23 @@ class Gallery:
             return None
         self._ensure(idx)
         n_union = np.count_nonzero(union)
-        g_area = self._areas[idx].reshape(-1)  # candidate k: prompt idx[k // 2], level k % 2
+        box = _box(union)
         # Necessary conditions on the stored areas (IoU and shares are at most the area ratio);
         # the slack absorbs float32 rounding. Survivors keep their order, so the arg-max on the
         # device picks the same mask as over all candidates.
+        g_area = self._areas[idx].reshape(-1)  # candidate k: prompt idx[k // 2], level k % 2
         if self.cfg["emr.gallery_match"] == "cover_each":
-            need = float(self.cfg["emr.gallery_cover"]) - 1e-6
-            keep = g_area >= need * max(n_a, n_b)
+            keep = g_area >= (float(self.cfg["emr.gallery_cover"]) - 1e-6) * max(n_a, n_b)
         else:
             bound = np.minimum(g_area, n_union) / np.maximum(np.maximum(g_area, n_union), 1)
             keep = bound >= float(self.cfg["mmg.gamma_o"]) - 1e-6
         cand = np.nonzero(keep)[0]
         if cand.size == 0:
             return None
-        rows, cols = np.nonzero(union.any(1))[0], np.nonzero(union.any(0))[0]
-        box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
-        vals = np.concatenate([[n_a, n_b], idx[cand // 2], cand % 2, g_area[cand]])
-        return vals.astype(np.int64), int(n_union), box
+        small = 0 if n_a <= n_b else 1  # the first of equal areas, as a stable sort
+        return _Plan(index, pair, np.stack([idx[cand // 2], cand % 2, g_area[cand]]),
+                     np.array([n_a, n_b, n_union], dtype=np.int64), box, small,
+                     _box((a, b)[small]))
 
     def covering(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Whether some gallery mask encompasses both a and b (``covering_mask`` is not None)."""
