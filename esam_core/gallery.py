@@ -18,11 +18,23 @@ import torch
 from segment_anything.utils.amg import build_point_grid
 
 from esam_core.config import Config
-from esam_core.masks import mask_areas, mask_nms, pairwise_intersection, to_cells
+from esam_core.masks import (
+    greedy_nms,
+    mask_areas,
+    mask_nms,
+    pairwise_intersection,
+    pairwise_iou,
+    to_cells,
+)
 from esam_core.types import Decoded, PromptBackend
 
 #: Index of the object-level and best-level mask in the per-prompt storage.
 OBJECT, BEST = 0, 1
+#: Eq.6 grouping by one dense (n, n) IoU product and one device read (True) or by the blocked
+#: ``mask_nms`` (False: fewer products, but a few reads per block); None = dense except on a CPU.
+#: Both give the same groups. Above ``_DENSE_MAX`` guidance masks the blocked NMS is used.
+_DENSE_GROUPING: bool | None = None
+_DENSE_MAX = 512
 
 
 def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -178,13 +190,28 @@ class Gallery:
         best = 0  # a single prompt is its own group
         if idx.size > 1:
             t = torch.as_tensor(np.stack([idx, level]), device=self._masks.device)
-            thr = float(self.cfg["mmg.theta_o"]) if self.cfg["gallery.nms"] else None
-            kept, assign = (x.numpy() for x in mask_nms(self._masks[t[0], t[1]],
-                                                        torch.from_numpy(gscores), thr))
+            kept, assign = self._group(self._masks[t[0], t[1]], gscores)
             counts = np.bincount(assign, minlength=idx.size)
             # kept is in descending score order, so the first maximum breaks count ties by score.
             best = int(kept[int(np.argmax(counts[kept]))])
         return self._masks[int(idx[best]), int(level[best])].clone(), float(gscores[best])
+
+    def _group(self, guides: torch.Tensor, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Eq.6 grouping of (n, h, w) guidance masks: NMS ``keep`` and ``assign`` (host)."""
+        thr = float(self.cfg["mmg.theta_o"]) if self.cfg["gallery.nms"] else None
+        dense = (guides.device.type != "cpu" if _DENSE_GROUPING is None else _DENSE_GROUPING)
+        if not dense or len(guides) > _DENSE_MAX:
+            kept, assign = mask_nms(guides, torch.from_numpy(scores), thr)
+            return kept.numpy(), assign.numpy()
+        # One (n, n) product and one read, then the greedy pass on the host: mask_nms is
+        # exactly greedy_nms on pairwise IoU (identical masks only without a threshold).
+        if thr is None:
+            inter, area = pairwise_intersection(guides, guides), mask_areas(guides).float()
+            overlap, thr = ((inter == area[:, None]) & (inter == area[None, :])).float(), 1.0
+        else:
+            overlap = pairwise_iou(guides)
+        kept, assign = greedy_nms(overlap.cpu(), torch.from_numpy(scores), thr)
+        return kept.numpy(), assign.numpy()
 
     def guidance_mask(self, region: torch.Tensor | np.ndarray
                       ) -> tuple[torch.Tensor, float] | None:

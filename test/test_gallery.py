@@ -181,6 +181,71 @@ def test_covering_mask_equals_the_uncropped_reference(match: str):
     assert 0 < found < 30
 
 
+@pytest.mark.parametrize("match", ["cover_each", "iou_union"])
+def test_covering_masks_answers_every_pair_like_the_reference(match: str):
+    # covering_masks answers many pairs at once (host pre-tests, one read back for all): each
+    # answer must be the uncropped reference's, hits and misses alike.
+    scene = random_scene(H, W, n_objects=8, seed=7)
+    rng = np.random.default_rng(4)
+    for leaf in np.unique(scene.leaves):
+        scene.iou[int(leaf)] = tuple(rng.choice([0.8, 0.9, 0.97], 3))
+    cfg = config(emr__gallery_match=match, emr__gallery_cover=0.5, mmg__gamma_o=0.4)
+    masks = [torch.from_numpy(scene.members(int(leaf))) for leaf in np.unique(scene.leaves)]
+    for _ in range(8):  # boxes: partly covered pieces, where the thresholds decide
+        r0, c0 = rng.integers(0, H - 6), rng.integers(0, W - 6)
+        m = torch.zeros(H, W, dtype=torch.bool)
+        m[r0:r0 + rng.integers(3, 30), c0:c0 + rng.integers(3, 40)] = True
+        masks.append(m)
+    masks.append(torch.zeros(H, W, dtype=torch.bool))  # an empty mask covers nothing
+    masks = torch.stack(masks)
+    pairs = rng.integers(0, len(masks), (150, 2))
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    got = Gallery(SceneBackend(scene), cfg).covering_masks(masks, pairs)
+    reference = Gallery(SceneBackend(scene), cfg)
+    hits = 0
+    for (i, j), g in zip(pairs, got):
+        want = reference_covering(reference, masks[i], masks[j], cfg)
+        assert (g is None) == (want is None), (i, j)
+        if g is not None:
+            assert torch.equal(g, want)
+            hits += 1
+    assert 0 < hits < len(pairs)
+    assert Gallery(SceneBackend(scene), cfg).covering_masks(masks, np.zeros((0, 2))) == []
+
+
+@pytest.mark.parametrize("theta", [0.3, 0.8, None])
+def test_dense_and_blocked_grouping_agree(monkeypatch, theta: float | None):
+    # On a GPU, Eq.6 groups with one dense IoU product and one read; on a CPU with the blocked
+    # mask_nms. Both must give the same groups, and so the same guidance mask for a region.
+    rng = np.random.default_rng(3)
+    boxes = []
+    for _ in range(30):
+        r0, c0 = rng.integers(0, H - 10), rng.integers(0, W - 10)
+        m = torch.zeros(H, W, dtype=torch.bool)
+        m[r0:r0 + rng.integers(4, 30), c0:c0 + rng.integers(4, 40)] = True
+        boxes.append(m)
+    masks = torch.stack(boxes + boxes[:10] + [torch.zeros(H, W, dtype=torch.bool)] * 2)
+    scores = rng.choice([0.8, 0.9, 0.95], len(masks)).astype(np.float32)
+    cfg = config(gallery__nms=theta is not None, mmg__theta_o=theta or 0.8)
+    gallery = Gallery(SceneBackend(band_scene([0, 32, 64])), cfg)
+    groups = {}
+    for dense in (True, False):
+        monkeypatch.setattr("esam_core.gallery._DENSE_GROUPING", dense)
+        groups[dense] = gallery._group(masks, scores)
+    assert all(np.array_equal(x, y) for x, y in zip(groups[True], groups[False]))
+    assert 1 < len(groups[True][0]) < len(masks)  # something was grouped
+
+    scene = random_scene(H, W, n_objects=10, seed=2)  # the guidance of real regions, too
+    gallery = Gallery(SceneBackend(scene), cfg, lazy=False)
+    region = torch.zeros(H, W, dtype=torch.bool)
+    region[8:40, 8:56] = True
+    answers = []
+    for dense in (True, False):
+        monkeypatch.setattr("esam_core.gallery._DENSE_GROUPING", dense)
+        answers.append(gallery.guidance_mask(region))
+    assert torch.equal(answers[0][0], answers[1][0]) and answers[0][1] == answers[1][1]
+
+
 class _RecordingBackend(SceneBackend):
     """Records the size of every decoder call."""
 

@@ -12,7 +12,7 @@ from esam_core.mmg import sort_levels
 from esam_core.scene import Scene, SceneBackend
 from esam_core.superpixels import superpixels_from_labels
 from esam_core.types import Entities, MaskSet
-from esam_core.usr import refine_under_segmentation
+from esam_core.usr import owner_map, refine_under_segmentation, region_containment
 
 
 class RecordingBackend(SceneBackend):
@@ -210,3 +210,17 @@ def test_bad_input_is_rejected_with_a_clear_error() -> None:
         refine_under_segmentation(both, sp, no_holders((48, 64)), backend, Config())
     with pytest.raises(ValueError, match="holders"):
         refine_under_segmentation(ents, sp, no_holders((24, 32)), backend, Config())
+
+
+def test_owner_map_and_region_containment() -> None:
+    rng = np.random.default_rng(0)
+    labels = torch.as_tensor(rng.integers(-1, 4, (12, 16)))  # -1: no entity
+    own = torch.stack([labels == k for k in range(4)])
+    assert torch.equal(owner_map(own), labels)
+    assert torch.equal(owner_map(own[:0]), torch.full((12, 16), -1))
+    region = rng.integers(-1, 3, (12, 16))
+    holders = torch.as_tensor(rng.random((5, 12, 16)) < 0.5)
+    want = torch.tensor([[float(((region == r) & holders[j].numpy()).sum()) for j in range(5)]
+                         for r in range(3)])
+    assert torch.equal(region_containment(region, 3, holders), want)  # a host map
+    assert torch.equal(region_containment(torch.as_tensor(region), 3, holders), want)
