@@ -90,10 +90,9 @@ class _Stages:
         self._sync()
         dt = time.perf_counter() - t0
         self._decode_time += dt
-        key = f"decode_{self._stage}" if not self._stage.startswith("decode") else self._stage
-        self.timings[key] = self.timings.get(key, 0.0) + dt
-        self.counts[f"prompts_{key.removeprefix('decode_')}"] = (
-            self.counts.get(f"prompts_{key.removeprefix('decode_')}", 0) + len(points))
+        stage = self._stage.removeprefix("decode_")
+        self.timings[f"decode_{stage}"] = self.timings.get(f"decode_{stage}", 0.0) + dt
+        self.counts[f"prompts_{stage}"] = self.counts.get(f"prompts_{stage}", 0) + len(points)
         return out
 
 
