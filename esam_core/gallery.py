@@ -40,8 +40,9 @@ _DENSE_MAX = 512
 def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq.1 for a batch, keeping only what the gallery needs.
 
-    O = the largest-area output (first on equal areas, as mmg.sort_levels' stable sort), B = the
-    output with the highest predicted IoU. SAM's output index order is not trusted.
+    O = the largest-area output (the first of equal areas; ``mmg.sort_levels`` breaks such ties
+    by predicted IoU instead, which only changes the score, as equal-area outputs are usually the
+    same mask), B = the output with the highest predicted IoU. SAM's index order is not trusted.
 
     Returns:
         masks: (N, 2, h, w) bool, O then B.
