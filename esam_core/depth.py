@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from esam_core.labels import entity_pixels, group_quantiles
+
 
 class DepthError(ValueError):
     """Depth image or intrinsics unusable (encoding, size, calibration); the message says why."""
@@ -102,7 +104,6 @@ class EntityGeometry:
 
 
 _MM_ENCODINGS = ("16UC1", "mono16")
-_LUT_MAX = 1 << 20
 _M_ENCODINGS = ("32FC1",)
 
 
@@ -176,75 +177,6 @@ def align_depth(depth_m: np.ndarray, intr: CameraIntrinsics,
     if (intr.height, intr.width) != (H, W):
         intr = intr.scaled(W, H)
     return depth_m, intr
-
-
-def entity_pixels(label_map: np.ndarray, ids: Sequence[int] | np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels of the listed entities, without a loop over pixels or entities.
-
-    Args:
-        label_map: (H, W) integer label image (uint16, uint32 or int32), 0 = background.
-        ids: (N,) distinct entity ids (> 0).
-
-    Returns:
-        pixels: (K,) int64 flat indices of pixels whose label is in ``ids``, ascending.
-        index: (K,) int64 position in ``ids`` of each pixel's label.
-
-    Raises:
-        ValueError: label map not 2-D integer, or ids repeated or containing 0.
-    """
-    if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer):
-        raise ValueError(f"label map must be a 2-D integer array, got {label_map.dtype} "
-                         f"{label_map.shape}")
-    ids = np.asarray(ids, dtype=np.int64).ravel()
-    if np.any(ids <= 0) or np.unique(ids).size != ids.size:
-        raise ValueError(f"entity ids must be distinct and > 0 (0 is background), got {ids}")
-    flat = label_map.ravel()
-    top = int(flat.max(initial=0))
-    if top <= _LUT_MAX and int(flat.min(initial=0)) >= 0:  # uint16 and small ids: one gather
-        lut = np.full(top + 1, -1, dtype=np.int64)
-        lut[ids[ids <= top]] = np.flatnonzero(ids <= top)
-        index = lut[flat]
-        pixels = np.flatnonzero(index >= 0)
-        return pixels, index[pixels]
-    if ids.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = np.argsort(ids)
-    flat = flat.astype(np.int64)
-    pos = np.minimum(np.searchsorted(ids[order], flat), ids.size - 1)
-    pixels = np.flatnonzero(ids[order][pos] == flat)
-    return pixels, order[pos[pixels]]
-
-
-def group_quantiles(values: np.ndarray, groups: np.ndarray, n_groups: int,
-                    qs: Sequence[float]) -> np.ndarray:
-    """Quantiles of ``values`` within each group, linear like ``np.quantile``, one sort in all.
-
-    Args:
-        values: (K,) finite floats.
-        groups: (K,) int in [0, n_groups).
-        n_groups: G.
-        qs: (Q,) quantiles in [0, 1].
-
-    Returns:
-        (G, Q) float64; NaN rows for empty groups.
-    """
-    qs = np.asarray(qs, dtype=np.float64)
-    out = np.full((n_groups, qs.size), np.nan)
-    if values.size == 0:
-        return out
-    values = values.astype(np.float64, copy=False)
-    vmin = values.min()
-    # One float sort by (group, value); the key's rounding (~1e-11 of the range) cannot matter.
-    v = values[np.argsort(groups * (values.max() - vmin + 1.0) + (values - vmin))]
-    counts = np.bincount(groups, minlength=n_groups)
-    has = counts > 0
-    starts = (np.cumsum(counts) - counts)[has]
-    pos = starts[:, None] + qs[None, :] * (counts[has] - 1)[:, None]
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, (starts + counts[has] - 1)[:, None])
-    out[has] = v[lo] + (v[hi] - v[lo]) * (pos - lo)
-    return out
 
 
 def entity_geometry(label_map: np.ndarray, ids: Sequence[int] | np.ndarray, depth_m: np.ndarray,

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from segment_anything.utils.amg import build_point_grid
 
+from esam_core import mmg
 from esam_core.config import Config
 from esam_core.masks import (
+    bbox_slices,
     greedy_nms,
     mask_areas,
     mask_nms,
@@ -26,7 +28,7 @@ from esam_core.masks import (
     pairwise_iou,
     to_cells,
 )
-from esam_core.types import Decoded, PromptBackend
+from esam_core.types import PromptBackend
 
 #: Index of the object-level and best-level mask in the per-prompt storage.
 OBJECT, BEST = 0, 1
@@ -35,29 +37,6 @@ OBJECT, BEST = 0, 1
 #: Both give the same groups. Above ``_DENSE_MAX`` guidance masks the blocked NMS is used.
 _DENSE_GROUPING: bool | None = None
 _DENSE_MAX = 512
-
-
-def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq.1 for a batch, keeping only what the gallery needs.
-
-    O = the largest-area output (the first of equal areas; ``mmg.sort_levels`` breaks such ties
-    by predicted IoU instead, which only changes the score, as equal-area outputs are usually the
-    same mask), B = the output with the highest predicted IoU. SAM's index order is not trusted.
-
-    Returns:
-        masks: (N, 2, h, w) bool, O then B.
-        scores: (N, 2) float32, S^64O then S^64B.
-        areas: (N, 2) int64 cell counts of O and B.
-    """
-    fg = decoded.logits > 0  # (N, 3, h, w)
-    n, _, h, w = fg.shape
-    rows = torch.arange(n, device=fg.device)
-    areas = mask_areas(fg.reshape(n * 3, h, w)).view(n, 3)
-    o = areas.argmax(1)  # the first of equal areas
-    b = decoded.iou.argmax(1)
-    masks = torch.stack([fg[rows, o], fg[rows, b]], 1)
-    scores = torch.stack([decoded.iou[rows, o], decoded.iou[rows, b]], 1).float()
-    return masks, scores, torch.stack([areas[rows, o], areas[rows, b]], 1)
 
 
 class _Plan(NamedTuple):
@@ -70,12 +49,6 @@ class _Plan(NamedTuple):
     box: tuple[slice, slice]  # of a ∪ b
     small: int  # 0 if |a| <= |b| else 1
     small_box: tuple[slice, slice]  # of the smaller mask
-
-
-def _box(mask: np.ndarray) -> tuple[slice, slice]:
-    """Bounding box slices of a non-empty (h, w) bool array."""
-    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
-    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 class Gallery:
@@ -129,7 +102,8 @@ class Gallery:
         batch = int(self.cfg["model.points_per_batch"])
         for start in range(0, todo.size, batch):
             part = todo[start:start + batch]
-            masks, scores, areas = object_and_best(self.backend.decode_points(self.points[part]))
+            decoded = self.backend.decode_points(self.points[part])
+            masks, scores, areas = mmg.object_and_best(decoded)
             self._masks[torch.as_tensor(part, device=self._masks.device)] = masks
             # One transfer for both (float64 holds the float32 scores and the counts exactly).
             host = torch.cat([scores.double(), areas.double()], 1).cpu().numpy()
@@ -314,7 +288,7 @@ class Gallery:
             return None
         self._ensure(idx)
         n_union = np.count_nonzero(union)
-        box = _box(union)
+        box = bbox_slices(union)
         # Necessary conditions on the stored areas (IoU and shares are at most the area ratio);
         # the slack absorbs float32 rounding. Survivors keep their order, so the arg-max on the
         # device picks the same mask as over all candidates.
@@ -330,7 +304,7 @@ class Gallery:
         small = 0 if n_a <= n_b else 1  # the first of equal areas, as a stable sort
         return _Plan(index, pair, np.stack([idx[cand // 2], cand % 2, g_area[cand]]),
                      np.array([n_a, n_b, n_union], dtype=np.int64), box, small,
-                     _box((a, b)[small]))
+                     bbox_slices((a, b)[small]))
 
     def covering(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Whether some gallery mask encompasses both a and b (``covering_mask`` is not None)."""

@@ -255,3 +255,9 @@ def dilate(masks: torch.Tensor, radius: int = 1) -> torch.Tensor:
     k = 2 * radius + 1
     grown = torch.nn.functional.max_pool2d(masks[:, None].float(), k, stride=1, padding=radius)
     return grown[:, 0] > 0
+
+
+def bbox_slices(mask: np.ndarray) -> tuple[slice, slice]:
+    """Bounding box slices of a non-empty (h, w) bool array."""
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)

@@ -222,3 +222,26 @@ def amg_masks(decoded: Decoded, cfg: Config) -> MaskSet:
 def object_level_masks(levels: LevelMasks, cfg: Config) -> MaskSet:
     """SAM^O (Table 2, spec §8.3): each prompt's largest mask, then AMG's filters and box NMS."""
     return _amg_filter_nms(levels.object, cfg)
+
+
+def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq.1 for a batch, keeping only what the gallery needs.
+
+    O = the largest-area output (the first of equal areas; ``mmg.sort_levels`` breaks such ties
+    by predicted IoU instead, which only changes the score, as equal-area outputs are usually the
+    same mask), B = the output with the highest predicted IoU. SAM's index order is not trusted.
+
+    Returns:
+        masks: (N, 2, h, w) bool, O then B.
+        scores: (N, 2) float32, S^64O then S^64B.
+        areas: (N, 2) int64 cell counts of O and B.
+    """
+    fg = decoded.logits > 0  # (N, 3, h, w)
+    n, _, h, w = fg.shape
+    rows = torch.arange(n, device=fg.device)
+    areas = mask_areas(fg.reshape(n * 3, h, w)).view(n, 3)
+    o = areas.argmax(1)  # the first of equal areas
+    b = decoded.iou.argmax(1)
+    masks = torch.stack([fg[rows, o], fg[rows, b]], 1)
+    scores = torch.stack([decoded.iou[rows, o], decoded.iou[rows, b]], 1).float()
+    return masks, scores, torch.stack([areas[rows, o], areas[rows, b]], 1)

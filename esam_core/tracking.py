@@ -25,7 +25,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 
-from esam_core.depth import entity_pixels
+from esam_core.labels import entity_pixels
 
 
 @dataclass

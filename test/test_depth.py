@@ -14,9 +14,8 @@ from esam_core.depth import (
     align_depth,
     depth_to_metres,
     entity_geometry,
-    entity_pixels,
-    group_quantiles,
 )
+from esam_core.labels import entity_pixels, group_quantiles
 
 H, W = 180, 240
 INTR = CameraIntrinsics(fx=200.0, fy=200.0, cx=119.3, cy=89.6, width=W, height=H)
