@@ -9,29 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import H, W, band_scene, box, gallery_config
 
 from esam_core import emr
 from esam_core.config import Config
 from esam_core.gallery import Gallery
 from esam_core.masks import cells_to_image, pairwise_intersection
-from esam_core.scene import Scene, SceneBackend, random_scene
+from esam_core.scene import SceneBackend, random_scene
 from esam_core.types import MaskSet
-
-H, W = 48, 64
-
-
-def band_scene(edges: list[int], **kw) -> Scene:
-    """Leaves 1, 2, ... = column bands [edges[k], edges[k+1]) over the full height."""
-    leaves = np.zeros((H, W), np.int32)
-    for k, (c0, c1) in enumerate(zip(edges[:-1], edges[1:]), start=1):
-        leaves[:, c0:c1] = k
-    return Scene(leaves=leaves, **kw)
-
-
-def box(c0: int, c1: int, r0: int = 0, r1: int = H) -> torch.Tensor:
-    m = torch.zeros(H, W, dtype=torch.bool)
-    m[r0:r1, c0:c1] = True
-    return m
 
 
 def mask_set(masks: list[torch.Tensor], iou: list[float]) -> MaskSet:
@@ -39,12 +24,6 @@ def mask_set(masks: list[torch.Tensor], iou: list[float]) -> MaskSet:
     return MaskSet(logits=torch.where(m, 10.0, -10.0), iou=torch.tensor(iou),
                    stability=torch.linspace(0.9, 1.0, len(masks)),
                    points=np.zeros((len(masks), 2)))
-
-
-def config(**kw) -> Config:
-    values = {"gallery.points_per_side": 8, "model.points_per_batch": 16}
-    values.update({k.replace("__", "."): v for k, v in kw.items()})
-    return Config(values)
 
 
 def assert_disjoint(own: torch.Tensor) -> None:
@@ -55,13 +34,14 @@ def assert_disjoint(own: torch.Tensor) -> None:
 def test_minor_overlap_goes_to_the_smaller_mask():
     # Overlap = cols 35:38 x rows 10:30, 60 cells = 3.3 % of the larger mask; holds 3 prompts.
     big, small = box(0, 38), box(35, 55, 10, 30)
-    gallery = Gallery(SceneBackend(band_scene([0, 64])), config())
+    gallery = Gallery(SceneBackend(band_scene([0, 64])), gallery_config())
     for scores in ([0.95, 0.90], [0.90, 0.95]):
-        ents = emr.split_overlaps(mask_set([big, small], scores), gallery, config())
+        ents = emr.split_overlaps(mask_set([big, small], scores), gallery, gallery_config())
         assert torch.equal(ents.own[0], big & ~small) and torch.equal(ents.own[1], small)
     assert gallery.decoded_prompts == 0  # the gallery is not consulted below delta
     # Above delta the same pair is decided by the gallery instead.
-    emr.split_overlaps(mask_set([big, small], [0.95, 0.9]), gallery, config(emr__delta=0.01))
+    cfg = gallery_config(emr__delta=0.01)
+    emr.split_overlaps(mask_set([big, small], [0.95, 0.9]), gallery, cfg)
     assert gallery.decoded_prompts > 0
 
 
@@ -69,9 +49,9 @@ def test_minor_overlap_goes_to_the_smaller_mask():
 def test_large_overlap_goes_to_the_mask_matching_the_guidance(owner: str):
     # L = cols 0:24, X = cols 24:40 (the overlap), R = cols 40:64; the scene groups X with one side.
     parent = {1: 10, 2: 10, 3: 11} if owner == "left" else {1: 10, 2: 11, 3: 11}
-    gallery = Gallery(SceneBackend(band_scene([0, 24, 40, 64], parent=parent)), config())
+    gallery = Gallery(SceneBackend(band_scene([0, 24, 40, 64], parent=parent)), gallery_config())
     p, q = box(0, 40), box(24, 64)  # r = 768 / 1920 = 0.4 >= delta
-    ents = emr.split_overlaps(mask_set([p, q], [0.9, 0.95]), gallery, config())
+    ents = emr.split_overlaps(mask_set([p, q], [0.9, 0.95]), gallery, gallery_config())
     left, right = (box(0, 40), box(40, 64)) if owner == "left" else (box(0, 24), box(24, 64))
     assert torch.equal(ents.own[0], left) and torch.equal(ents.own[1], right)
     assert torch.equal(ents.logits, mask_set([p, q], [0.9, 0.95]).logits)
@@ -82,10 +62,10 @@ def test_overlap_assign_modes(assign: str):
     # Overlap = X1 (cols 24:40, 16 prompts, grouped with L) + X2 (cols 40:48, 8 prompts, with R):
     # the most frequent guidance is L ∪ X1 = cols 0:40, which matches p best.
     scene = band_scene([0, 24, 40, 48, 64], parent={1: 10, 2: 10, 3: 11, 4: 11})
-    gallery = Gallery(SceneBackend(scene), config())
+    gallery = Gallery(SceneBackend(scene), gallery_config())
     p, q = box(0, 48), box(24, 64)
     ents = emr.split_overlaps(mask_set([p, q], [0.9, 0.95]), gallery,
-                              config(emr__overlap_assign=assign))
+                              gallery_config(emr__overlap_assign=assign))
     cut = 48 if assign == "whole_to_best_iou" else 40  # whole overlap, or only OR ∩ G, to p
     assert torch.equal(ents.own[0], box(0, cut)) and torch.equal(ents.own[1], box(cut, 64))
 
@@ -94,10 +74,10 @@ def test_overlap_assign_modes(assign: str):
 def test_no_prompt_in_overlap_uses_the_fallback(fallback: str):
     # Overlap = cols 6:12, between the prompt columns x = 4 and x = 12; r = 288 / 672 >= delta.
     # The nearest prompt (x = 12, one cell away) lies in leaf 2 = cols 6:20, which is exactly q.
-    gallery = Gallery(SceneBackend(band_scene([0, 6, 20, 64])), config())
+    gallery = Gallery(SceneBackend(band_scene([0, 6, 20, 64])), gallery_config())
     p, q = box(0, 12), box(6, 20)
     ents = emr.split_overlaps(mask_set([p, q], [0.95, 0.9]), gallery,
-                              config(emr__no_prompt_fallback=fallback))
+                              gallery_config(emr__no_prompt_fallback=fallback))
     if fallback == "carve_larger":  # q is larger and loses the overlap
         assert torch.equal(ents.own[0], p) and torch.equal(ents.own[1], box(12, 20))
     else:
@@ -107,14 +87,14 @@ def test_no_prompt_in_overlap_uses_the_fallback(fallback: str):
 @pytest.mark.parametrize("assign", ["whole_to_best_iou", "split_by_guidance"])
 @pytest.mark.parametrize("order", ["score_desc", "area_asc"])
 def test_split_never_overlaps_and_keeps_the_covered_area(assign: str, order: str):
-    gallery = Gallery(SceneBackend(random_scene(H, W, n_objects=8, seed=2)), config())
+    gallery = Gallery(SceneBackend(random_scene(H, W, n_objects=8, seed=2)), gallery_config())
     rng = np.random.default_rng(5)
     masks = []
     for _ in range(12):
         r0, c0 = int(rng.integers(0, H - 8)), int(rng.integers(0, W - 8))
         masks.append(box(c0, c0 + int(rng.integers(6, 30)), r0, r0 + int(rng.integers(6, 24))))
     objects = mask_set(masks, rng.uniform(0.8, 1.0, 12).tolist())
-    cfg = config(emr__overlap_assign=assign, emr__pair_order=order, emr__delta=0.1)
+    cfg = gallery_config(emr__overlap_assign=assign, emr__pair_order=order, emr__delta=0.1)
     ents = emr.split_overlaps(objects, gallery, cfg)
     assert_disjoint(ents.own)
     # Each step moves an overlap cell to exactly one of the two masks: the union is unchanged.
@@ -125,11 +105,11 @@ def test_split_never_overlaps_and_keeps_the_covered_area(assign: str, order: str
 def test_min_fragment_frac_drops_small_carved_pieces():
     # q cuts p (cols 0:40) into cols 0:30 and a 96-cell sliver cols 38:40 (3 % of 3072 cells).
     p, q = box(0, 40), box(30, 38)
-    gallery = Gallery(SceneBackend(band_scene([0, 64])), config())
+    gallery = Gallery(SceneBackend(band_scene([0, 64])), gallery_config())
     objects = mask_set([p, q], [0.9, 0.8])
-    keep = emr.split_overlaps(objects, gallery, config(emr__delta=0.25))
+    keep = emr.split_overlaps(objects, gallery, gallery_config(emr__delta=0.25))
     assert torch.equal(keep.own[0], box(0, 30) | box(38, 40))
-    drop = emr.split_overlaps(objects, gallery, config(emr__delta=0.25,
+    drop = emr.split_overlaps(objects, gallery, gallery_config(emr__delta=0.25,
                                                        emr__min_fragment_frac=0.05))
     assert torch.equal(drop.own[0], box(0, 30)) and torch.equal(drop.own[1], q)
 
@@ -178,7 +158,7 @@ def merge_case(edges: list[int], parent: dict[int, int], similar: tuple[int, int
     ents = emr.entities_by_score(mask_set(own, [0.9, 0.8, 0.85]))
     cells = (np.full(3, H // 2), np.array([(c0 + c1) // 2 for c0, c1 in zip(edges, edges[1:])]))
     features = backend.sample_features(cells_to_image(*cells, (H, W), (H, W)))
-    cfg = config(emr__top_k=1, **cfg_kw)
+    cfg = gallery_config(emr__top_k=1, **cfg_kw)
     return ents, emr.merge_entities(ents, Gallery(backend, cfg), cells, features, cfg)
 
 
@@ -216,7 +196,8 @@ def test_gallery_union_adds_unowned_gallery_cells():
                                           [0.9, 0.8, 0.85]))
     cells = (np.full(3, H // 2), np.array([10, 32, 52]))
     features = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0.1, 0, 1.0]])
-    cfg = config(emr__top_k=1, emr__require_adjacent=False, emr__merged_mask="gallery_union")
+    cfg = gallery_config(emr__top_k=1, emr__require_adjacent=False,
+                         emr__merged_mask="gallery_union")
     merged = emr.merge_entities(ents, Gallery(backend, cfg), cells, features, cfg)
     assert torch.equal(merged.own[0], box(0, 40)) and torch.equal(merged.own[1], box(40, 64))
     assert bool((merged.logits[0][merged.own[0]] > 0).all())
@@ -232,7 +213,7 @@ def test_lazy_and_eager_gallery_give_identical_split_and_merge():
     objects = mask_set(masks, rng.uniform(0.8, 1.0, 10).tolist())
     gy, gx = np.meshgrid(np.arange(3, H, 6), np.arange(4, W, 8), indexing="ij")
     cells = (gy.ravel(), gx.ravel())
-    cfg = config(emr__delta=0.02, emr__sm_threshold=0.3)
+    cfg = gallery_config(emr__delta=0.02, emr__sm_threshold=0.3)
     results = []
     for lazy in (True, False):
         backend = SceneBackend(scene)
@@ -293,7 +274,7 @@ def test_split_equals_the_recounting_reference(assign: str, order: str, fallback
         r0, c0 = int(rng.integers(0, H - 8)), int(rng.integers(0, W - 8))
         masks.append(box(c0, c0 + int(rng.integers(6, 34)), r0, r0 + int(rng.integers(6, 30))))
     objects = mask_set(masks, rng.choice([0.85, 0.9, 0.95], 14).tolist())
-    cfg = config(emr__overlap_assign=assign, emr__pair_order=order, emr__delta=0.08,
+    cfg = gallery_config(emr__overlap_assign=assign, emr__pair_order=order, emr__delta=0.08,
                  emr__no_prompt_fallback=fallback)
     gallery = Gallery(SceneBackend(scene), cfg)
     want = reference_split(objects, gallery, cfg)

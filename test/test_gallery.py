@@ -9,33 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import H, W, band_scene, box, gallery_config
 
 from esam_core.config import Config
 from esam_core.gallery import Gallery
 from esam_core.masks import greedy_nms, mask_nms, pairwise_intersection, pairwise_iou
 from esam_core.scene import Scene, SceneBackend, random_scene
-
-H, W = 48, 64
-
-
-def band_scene(edges: list[int], **kw) -> Scene:
-    """Leaves 1, 2, ... = column bands [edges[k], edges[k+1]) over the full height."""
-    leaves = np.zeros((H, W), np.int32)
-    for k, (c0, c1) in enumerate(zip(edges[:-1], edges[1:]), start=1):
-        leaves[:, c0:c1] = k
-    return Scene(leaves=leaves, **kw)
-
-
-def cols(c0: int, c1: int) -> torch.Tensor:
-    m = torch.zeros(H, W, dtype=torch.bool)
-    m[:, c0:c1] = True
-    return m
-
-
-def config(**kw) -> Config:
-    values = {"gallery.points_per_side": 8, "model.points_per_batch": 16}
-    values.update({k.replace("__", "."): v for k, v in kw.items()})
-    return Config(values)
 
 
 def prompt_region(gallery: Gallery, xy: list[tuple[int, int]]) -> tuple[torch.Tensor, np.ndarray]:
@@ -51,17 +30,17 @@ def test_eq1_and_tau_pick_object_or_best_mask():
     # Leaf 1 (cols 0:24) is in group 10 with leaf 2: O = cols 0:40 (score 0.7), B = leaf 1 (0.99).
     scene = band_scene([0, 24, 40, 64], parent={1: 10, 2: 10}, iou={1: (0.99, 0.7, 0.7)})
     backend = SceneBackend(scene)
-    gallery = Gallery(backend, config(emr__tau=0.1))
+    gallery = Gallery(backend, gallery_config(emr__tau=0.1))
     region, idx = prompt_region(gallery, [(12, 21)])
     masks, scores = gallery.masks(idx)
-    assert torch.equal(masks[0, 0], cols(0, 40)) and torch.equal(masks[0, 1], cols(0, 24))
+    assert torch.equal(masks[0, 0], box(0, 40)) and torch.equal(masks[0, 1], box(0, 24))
     assert scores[0].tolist() == pytest.approx([0.7, 0.99])
     # S_B - S_O = 0.29 >= tau -> the best-level mask guides; a wider tolerance picks O.
     g, s = gallery.guidance_mask(region)
-    assert torch.equal(g, cols(0, 24)) and s == pytest.approx(0.99)
-    gallery.cfg = config(emr__tau=0.3)
+    assert torch.equal(g, box(0, 24)) and s == pytest.approx(0.99)
+    gallery.cfg = gallery_config(emr__tau=0.3)
     g, s = gallery.guidance_mask(region)
-    assert torch.equal(g, cols(0, 40)) and s == pytest.approx(0.7)
+    assert torch.equal(g, box(0, 40)) and s == pytest.approx(0.7)
 
 
 def test_most_frequent_guidance_with_and_without_nms():
@@ -70,21 +49,21 @@ def test_most_frequent_guidance_with_and_without_nms():
     scene = band_scene([0, 36, 40, 64], parent={1: 10, 2: 10}, iou={1: (0.99, 0.6, 0.6)})
     backend = SceneBackend(scene)
     two_two_three = [(28, 3), (28, 9), (36, 3), (36, 9), (44, 3), (44, 9), (44, 15)]
-    on = Gallery(backend, config(gallery__nms=True))
+    on = Gallery(backend, gallery_config(gallery__nms=True))
     region, idx = prompt_region(on, two_two_three)
     assert np.array_equal(on.prompts_in(region), idx)
     g, s = on.guidance_mask(region)  # group {0:36, 0:40} has 4 prompts > 3
-    assert torch.equal(g, cols(0, 36)) and s == pytest.approx(0.99)
-    off = Gallery(backend, config(gallery__nms=False))
+    assert torch.equal(g, box(0, 36)) and s == pytest.approx(0.99)
+    off = Gallery(backend, gallery_config(gallery__nms=False))
     g, _ = off.guidance_mask(region)  # identical masks only: 2, 2, 3
-    assert torch.equal(g, cols(40, 64))
+    assert torch.equal(g, box(40, 64))
     tie, _ = prompt_region(off, two_two_three[:4])
     g, s = off.guidance_mask(tie)  # 2 vs 2: the higher score wins
-    assert torch.equal(g, cols(0, 36)) and s == pytest.approx(0.99)
+    assert torch.equal(g, box(0, 36)) and s == pytest.approx(0.99)
 
 
 def test_no_prompt_in_region_gives_none_and_nearest_prompt():
-    gallery = Gallery(SceneBackend(band_scene([0, 32, 64])), config())
+    gallery = Gallery(SceneBackend(band_scene([0, 32, 64])), gallery_config())
     region = torch.zeros(H, W, dtype=torch.bool)
     region[20, 30] = True
     assert gallery.prompts_in(region).size == 0
@@ -100,12 +79,12 @@ def test_no_prompt_in_region_gives_none_and_nearest_prompt():
 def test_covering_modes():
     # a = cols 0:24 and b = cols 24:40 form group 10; c = cols 40:64 stands alone.
     scene = band_scene([0, 24, 40, 64], parent={1: 10, 2: 10})
-    a, b, c = cols(0, 24), cols(24, 40), cols(40, 64)
-    each = Gallery(SceneBackend(scene), config())
-    union = Gallery(SceneBackend(scene), config(emr__gallery_match="iou_union"))
+    a, b, c = box(0, 24), box(24, 40), box(40, 64)
+    each = Gallery(SceneBackend(scene), gallery_config())
+    union = Gallery(SceneBackend(scene), gallery_config(emr__gallery_match="iou_union"))
     for g in (each, union):
         assert g.covering(a, b)
-        assert torch.equal(g.covering_mask(a, b), cols(0, 40))
+        assert torch.equal(g.covering_mask(a, b), box(0, 40))
         assert not g.covering(a, c)  # best IoU with a ∪ c is 0.5 < gamma_O, covers c 0 %
     # cols 0:40 covers a fully but only 40 % of b ∪ c; its IoU with cols 0:64 is 0.625 >= 0.6.
     assert not each.covering(a, b | c)
@@ -160,7 +139,7 @@ def test_covering_mask_equals_the_uncropped_reference(match: str):
     leaves = np.unique(scene.leaves)
     for leaf in leaves:  # best-level masks differ from the object level
         scene.iou[int(leaf)] = tuple(rng.choice([0.8, 0.9, 0.97], 3))
-    cfg = config(emr__gallery_match=match, emr__gallery_cover=0.5, mmg__gamma_o=0.4)
+    cfg = gallery_config(emr__gallery_match=match, emr__gallery_cover=0.5, mmg__gamma_o=0.4)
     gallery = Gallery(SceneBackend(scene), cfg)
     found = 0
     for trial in range(30):
@@ -189,7 +168,7 @@ def test_covering_masks_answers_every_pair_like_the_reference(match: str):
     rng = np.random.default_rng(4)
     for leaf in np.unique(scene.leaves):
         scene.iou[int(leaf)] = tuple(rng.choice([0.8, 0.9, 0.97], 3))
-    cfg = config(emr__gallery_match=match, emr__gallery_cover=0.5, mmg__gamma_o=0.4)
+    cfg = gallery_config(emr__gallery_match=match, emr__gallery_cover=0.5, mmg__gamma_o=0.4)
     masks = [torch.from_numpy(scene.members(int(leaf))) for leaf in np.unique(scene.leaves)]
     for _ in range(8):  # boxes: partly covered pieces, where the thresholds decide
         r0, c0 = rng.integers(0, H - 6), rng.integers(0, W - 6)
@@ -226,7 +205,7 @@ def test_dense_and_blocked_grouping_agree(monkeypatch, theta: float | None):
         boxes.append(m)
     masks = torch.stack(boxes + boxes[:10] + [torch.zeros(H, W, dtype=torch.bool)] * 2)
     scores = rng.choice([0.8, 0.9, 0.95], len(masks)).astype(np.float32)
-    cfg = config(gallery__nms=theta is not None, mmg__theta_o=theta or 0.8)
+    cfg = gallery_config(gallery__nms=theta is not None, mmg__theta_o=theta or 0.8)
     gallery = Gallery(SceneBackend(band_scene([0, 32, 64])), cfg)
     groups = {}
     for dense in (True, False):
@@ -261,8 +240,8 @@ class _RecordingBackend(SceneBackend):
 def test_lazy_and_eager_answer_identically():
     scene = random_scene(H, W, n_objects=6, seed=1)
     lazy_backend, eager_backend = _RecordingBackend(scene), _RecordingBackend(scene)
-    lazy = Gallery(lazy_backend, config(), lazy=True)
-    eager = Gallery(eager_backend, config(), lazy=False)
+    lazy = Gallery(lazy_backend, gallery_config(), lazy=True)
+    eager = Gallery(eager_backend, gallery_config(), lazy=False)
     assert lazy.decoded_prompts == 0 and lazy_backend.calls == []
     assert eager.decoded_prompts == len(eager) == 64
     assert max(eager_backend.calls) <= 16  # decoded in batches of model.points_per_batch
@@ -287,7 +266,7 @@ def test_real_sam_decoder_gallery_matches_eq1_and_lazy_equals_eager():
     are the largest-area and best-scored of the 3 outputs, and lazy answers as eager."""
     from esam_core.backend import SamBackend
 
-    cfg = config(model__type="test_tiny")
+    cfg = gallery_config(model__type="test_tiny")
     backend = SamBackend(cfg)
     backend.set_image(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8))
     lazy, eager = Gallery(backend, cfg, lazy=True), Gallery(backend, cfg, lazy=False)

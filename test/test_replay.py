@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import TINY_YAML, read_bag
 from rosbags.rosbag1 import Writer as Writer1
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
@@ -20,11 +21,6 @@ from esam_ros.cli import main
 from esam_ros.replay_report import best_match_iou
 
 SPOT = ("raw_mcap", "raw_sqlite3", "compressed_mcap", "compressed_sqlite3")
-TINY_YAML = """model: {type: test_tiny}
-mmg: {points_per_side: 4}
-gallery: {points_per_side: 8}
-superpixel: {max_side: 256}
-"""
 STORE = get_typestore(Stores.ROS2_JAZZY)
 
 
@@ -55,16 +51,6 @@ def spot_runs(shared_data, segmenter, tmp_path_factory) -> dict[str, tuple[dict,
     return runs
 
 
-def read_all(path: Path) -> dict[str, list]:
-    """topic -> [(timestamp, message)] of a whole bag."""
-    out: dict[str, list] = {}
-    with BagReader(path) as reader:
-        for m in reader.messages(reader.topics):
-            assert m.error is None, m.error
-            out.setdefault(m.topic, []).append((m.timestamp, m.msg))
-    return out
-
-
 def raw_messages(path: Path) -> list[tuple[str, int, bytes]]:
     with BagReader(path) as reader:
         r = reader.reader
@@ -84,8 +70,8 @@ def test_spot_bag_replay_and_round_trip(spot_runs, shared_data, name):
     (skip,) = report["skipped"]
     assert skip["topic"].startswith("/spot/depth/frontleft/image")
     assert skip["reason"] == "depth_image" and "16UC1" in skip["detail"]
-    source = read_all(shared_data / "bags/spot" / name)
-    result = read_all(out)
+    source = read_bag(shared_data / "bags/spot" / name)
+    result = read_bag(out)
     for topic, (ent_topic, lab_topic) in output_topics(source).items():
         assert result[topic][0][0] == source[topic][0][0]  # input copied, same bag time
         if "depth" in topic:
@@ -119,7 +105,7 @@ def test_storages_agree_and_compressed_matches_sizes(spot_runs):
         a = [m for m in raw_messages(spot_runs[f"{kind}_mcap"][1])]
         b = [m for m in raw_messages(spot_runs[f"{kind}_sqlite3"][1])]
         assert sorted(a) == sorted(b)
-    raw, comp = read_all(spot_runs["raw_mcap"][1]), read_all(spot_runs["compressed_mcap"][1])
+    raw, comp = read_bag(spot_runs["raw_mcap"][1]), read_bag(spot_runs["compressed_mcap"][1])
     for topic in ("/spot/camera/hand_color/entity_labels", "/spot/camera/hand_mono/entity_labels"):
         assert labels_of(raw[topic][0][1]).shape == labels_of(comp[topic][0][1]).shape
 
@@ -142,7 +128,7 @@ def test_entity_array_decodes_with_rclpy(spot_runs):
     from esam_ros.msg import EntityArray
 
     out = spot_runs["raw_sqlite3"][1]
-    decoded = read_all(out)["/spot/camera/hand_color/entities"][0][1]
+    decoded = read_bag(out)["/spot/camera/hand_color/entities"][0][1]
     (raw,) = [d for t, _, d in raw_messages(out) if t == "/spot/camera/hand_color/entities"]
     msg = deserialize_message(raw, EntityArray)
     assert msg.header.frame_id == decoded.header.frame_id == "gripper_color_camera_z_forward"
@@ -215,7 +201,7 @@ def test_malformed_messages_are_skipped_and_reported(tmp_path, segmenter):
     assert report["frames"] == {"read": 9, "processed": 3, "skipped": 6}
     assert report["topics"]["/cam/image"]["stability_pairs"] == 1
     assert 0.0 <= report["topics"]["/cam/image"]["temporal_stability"] <= 1.0
-    result = read_all(tmp_path / "out")
+    result = read_bag(tmp_path / "out")
     assert len(result["/cam/entities"]) == 2 and len(result["/cam2/entities"]) == 1
     assert len(result["/cam/image"]) == 5  # every decodable input is kept, even bad pixels
 
@@ -239,7 +225,7 @@ def test_ros1_bag(tmp_path, segmenter):
     seg, cfg = segmenter
     report = rp.replay(bag, tmp_path / "out", seg, cfg, progress=False)
     assert report["frames"] == {"read": 2, "processed": 2, "skipped": 0}
-    result = read_all(tmp_path / "out")
+    result = read_bag(tmp_path / "out")
     assert [m.header.stamp.nanosec for _, m in result["/cam/entities"]] == [0, 1]
     assert labels_of(result["/cam/entity_labels"][1][1]).shape == (32, 48)
 
@@ -258,7 +244,7 @@ def test_cli_report_and_topic_filter(shared_data, tiny_yaml, tmp_path, capsys):
     assert report["version"] and report["entities_per_frame"]["mean"] >= 0
     stdout = capsys.readouterr().out
     assert "1 processed" in stdout and str(report_path) in stdout
-    assert set(read_all(tmp_path / "out")) == {"/spot/camera/hand_mono/image",
+    assert set(read_bag(tmp_path / "out")) == {"/spot/camera/hand_mono/image",
                                                "/spot/camera/hand_mono/entities",
                                                "/spot/camera/hand_mono/entity_labels"}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import TINY_YAML, read_bag
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
@@ -18,11 +19,6 @@ from esam_ros import replay as rp
 from esam_ros.bag_io import BagError, BagReader, output_topics
 from esam_ros.cli import main
 
-TINY_YAML = """model: {type: test_tiny}
-mmg: {points_per_side: 4}
-gallery: {points_per_side: 8}
-superpixel: {max_side: 256}
-"""
 STORE = get_typestore(Stores.ROS2_JAZZY)
 
 
@@ -33,16 +29,6 @@ def segmenter():
     cfg = load_config(None, {"model.type": "test_tiny", "mmg.points_per_side": 4,
                              "gallery.points_per_side": 8, "superpixel.max_side": 256})
     return EntitySegmenter(cfg), cfg
-
-
-def read_all(path: Path) -> dict[str, list]:
-    """topic -> [(timestamp, message)] of a whole bag."""
-    out: dict[str, list] = {}
-    with BagReader(path) as reader:
-        for m in reader.messages(reader.topics):
-            assert m.error is None, m.error
-            out.setdefault(m.topic, []).append((m.timestamp, m.msg))
-    return out
 
 
 def labels_of(msg) -> np.ndarray:
@@ -136,7 +122,7 @@ def test_rgbd_bag_gives_positions_and_stable_ids(tmp_path):
     assert (d["frames_paired"], d["frames_unpaired"], d["frames_with_depth"]) == (3, 1, 3)
     assert d["depth_errors"] == {} and d["mean_depth_coverage"] == 1.0
     assert d["entities_with_position"] == 1.0
-    result = read_all(tmp_path / "out")
+    result = read_bag(tmp_path / "out")
     assert len(result["/cam/depth/image_raw"]) == len(result["/cam/depth/camera_info"]) == 3
     ent_topic, lab_topic = output_topics(["/cam/color/image_raw"])["/cam/color/image_raw"]
     frames = [m for _, m in result[ent_topic]]
@@ -176,7 +162,7 @@ def test_depth_of_another_aspect_is_reported_and_frames_still_processed(tmp_path
     ((message, n),) = d["depth_errors"].items()
     assert n == 2 and "32x30" in message and "64x48" in message
     assert d["frames_with_depth"] == 0 and d["mean_depth_coverage"] is None
-    for _, msg in read_all(tmp_path / "out")["/cam/color/image_raw/entities"]:
+    for _, msg in read_bag(tmp_path / "out")["/cam/color/image_raw/entities"]:
         assert all(not e.has_position and e.track_id > 0 for e in msg.entities)
 
 
@@ -363,7 +349,7 @@ def test_clock_jump_back_restarts_tracks(tmp_path, segmenter):
     report = rp.replay(bag, tmp_path / "out", seg, cfg, progress=False)
     tr = report["topics"]["/cam/image"]["tracking"]
     assert tr["resets"] == 1 and tr["frame_pairs"] == 1
-    out = read_all(tmp_path / "out")["/cam/entities"]
+    out = read_bag(tmp_path / "out")["/cam/entities"]
     frames = [[e.track_id for e in m.entities] for _, m in out]
     assert frames[0] == frames[1] and frames[0]
     assert min(frames[2]) > max(frames[1])  # new ids, never reused
