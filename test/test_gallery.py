@@ -92,18 +92,23 @@ def test_covering_modes():
     assert not each.covering(a, torch.zeros(H, W, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("budget", [1 << 24, 0])  # large products, or one column at a time
-def test_gallery_grouping_equals_greedy_nms_on_pairwise_iou(monkeypatch, budget: int):
-    """Eq.6 groups guidance masks with ``masks.mask_nms`` (the one NMS gallery, MMG and EMR use)."""
-    monkeypatch.setattr("esam_core.masks._FLOAT_BUDGET", budget)
-    rng = np.random.default_rng(3)
+def random_boxes(rng: np.random.Generator) -> torch.Tensor:
+    """(42, H, W) bool: 30 random rectangles, 10 exact duplicates and 2 empty masks."""
     boxes = []
     for _ in range(30):
         r0, c0 = rng.integers(0, H - 10), rng.integers(0, W - 10)
         m = torch.zeros(H, W, dtype=torch.bool)
         m[r0:r0 + rng.integers(4, 30), c0:c0 + rng.integers(4, 40)] = True
         boxes.append(m)
-    masks = torch.stack(boxes + boxes[:10] + [torch.zeros(H, W, dtype=torch.bool)] * 2)
+    return torch.stack(boxes + boxes[:10] + [torch.zeros(H, W, dtype=torch.bool)] * 2)
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 0])  # large products, or one column at a time
+def test_gallery_grouping_equals_greedy_nms_on_pairwise_iou(monkeypatch, budget: int):
+    """Eq.6 groups guidance masks with ``masks.mask_nms`` (the one NMS gallery, MMG and EMR use)."""
+    monkeypatch.setattr("esam_core.masks._FLOAT_BUDGET", budget)
+    rng = np.random.default_rng(3)
+    masks = random_boxes(rng)
     scores = torch.tensor(rng.choice([0.8, 0.9, 0.95], len(masks)), dtype=torch.float32)
     for thr in (0.3, 0.8):
         keep, assign = greedy_nms(pairwise_iou(masks), scores, thr)
@@ -197,13 +202,7 @@ def test_dense_and_blocked_grouping_agree(monkeypatch, theta: float | None):
     # On a GPU, Eq.6 groups with one dense IoU product and one read; on a CPU with the blocked
     # mask_nms. Both must give the same groups, and so the same guidance mask for a region.
     rng = np.random.default_rng(3)
-    boxes = []
-    for _ in range(30):
-        r0, c0 = rng.integers(0, H - 10), rng.integers(0, W - 10)
-        m = torch.zeros(H, W, dtype=torch.bool)
-        m[r0:r0 + rng.integers(4, 30), c0:c0 + rng.integers(4, 40)] = True
-        boxes.append(m)
-    masks = torch.stack(boxes + boxes[:10] + [torch.zeros(H, W, dtype=torch.bool)] * 2)
+    masks = random_boxes(rng)
     scores = rng.choice([0.8, 0.9, 0.95], len(masks)).astype(np.float32)
     cfg = gallery_config(gallery__nms=theta is not None, mmg__theta_o=theta or 0.8)
     gallery = Gallery(SceneBackend(band_scene([0, 32, 64])), cfg)
