@@ -1,4 +1,4 @@
-"""`esam`: the command line (segment, bench, download-weights, replay, eval). Needs no ROS install.
+"""`esam`: the command line (segment, bench, download-weights, replay, eval, fidelity). Needs no ROS install.
 
 Each subcommand lives in its own module with ``register(subparsers)``, which adds its parser and
 sets ``func(args) -> int`` (the exit code). Modules are imported lazily so one broken optional
@@ -19,6 +19,7 @@ COMMANDS = {
     "download-weights": "esam_core.weights",
     "replay": "esam_ros.replay",
     "eval": "esam_ros.evaluate",
+    "fidelity": "esam_ros.fidelity",
 }
 
 
