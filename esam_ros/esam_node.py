@@ -24,6 +24,7 @@ from typing import Any
 from rclpy.node import Node
 
 from esam_ros.node_depth import entity_array, image_msg
+from esam_ros.node_params import help_requested, usage_text
 from esam_ros.node_runtime import EsamRuntime, run
 from esam_ros.node_worker import CameraState
 
@@ -35,9 +36,10 @@ __all__ = ["CameraState", "EsamNode", "NODE_NAME", "entity_array", "main"]
 class EsamNode(EsamRuntime, Node):
     """The E-SAM node; ``segmenter`` may be injected (tests), else built from the parameters."""
 
-    def __init__(self, segmenter: Any = None, **kwargs: Any) -> None:
+    def __init__(self, segmenter: Any = None, params_files: list[str] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        self._init_runtime()
+        self._init_runtime(params_files, kwargs.get("cli_args"))
         try:
             self._declare()
             self._load_model(segmenter)  # the slow part: load SAM before anything is advertised
@@ -55,7 +57,11 @@ class EsamNode(EsamRuntime, Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    """``esam_node [--ros-args ...]``: exit code 0 on a normal stop, 1 on a start-up error."""
+    """``esam_node [--ros-args ...]``: exit code 0 on a normal stop, 1 on a start-up error;
+    ``esam_node --help`` prints the usage and every parameter without starting a node."""
+    if help_requested(sys.argv[1:] if args is None else args):
+        print(usage_text("esam_node", __doc__))
+        return 0
     return run(EsamNode, NODE_NAME, args)
 
 
