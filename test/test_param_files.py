@@ -89,3 +89,33 @@ def test_node_refuses_a_file_without_a_section_for_it(tmp_path: Path) -> None:
     assert len(lines) == 1 and "FATAL" in lines[0], lines
     assert "/front/esam_node" in lines[0] and "sections: esam_node" in lines[0], lines[0]
     assert "checkpoint" not in lines[0]  # it never got as far as loading vit_h
+
+
+def test_installed_config_is_found_in_an_ament_prefix(tmp_path: Path, monkeypatch) -> None:
+    """A colcon install: <prefix>/share/esam_ros/config, found through $AMENT_PREFIX_PATH."""
+    from esam_core.param_files import config_dirs, installed_config
+
+    share = tmp_path / "install" / "share" / "esam_ros" / "config"
+    share.mkdir(parents=True)
+    (share / "robot.yaml").write_text("/**:\n  ros__parameters: {}\n")
+    monkeypatch.setenv("AMENT_PREFIX_PATH", str(tmp_path / "install"))
+    assert config_dirs()[0] == CONFIG_DIR  # the source tree first (make install's venv)
+    assert installed_config("robot.yaml") == share / "robot.yaml"
+    assert installed_config("absent.yaml") is None
+
+
+@pytest.mark.slow
+def test_pip_wheel_ships_the_config_layouts_and_launch_file(tmp_path: Path) -> None:
+    """A non-editable pip install gets config/, launch/ and msg/ under share/esam_ros/."""
+    import zipfile
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps",
+                           "--no-build-isolation", "-q", "-w", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("esam_ros-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    share = "esam_ros-0.1.0.data/data/share/esam_ros/"
+    for f in ("config/esam.yaml", "config/test_tiny.yaml", "config/foxglove_layout.json",
+              "config/esam.rviz", "launch/esam.launch.py", "msg/EntityArray.msg"):
+        assert share + f in names, f
