@@ -31,6 +31,7 @@ from esam_ros.evaluate import (
     load_ground_truth,
     paint_nonoverlapping,
     predictions_from_label_map,
+    read_json,
 )
 
 log = logging.getLogger("esam.eval")
@@ -47,12 +48,7 @@ def load_predictions(path: str | Path, gt: GroundTruth, max_dets: int = 100
     Raises:
         ValueError: the file is missing, not JSON, or not a list of results.
     """
-    try:
-        results = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"predictions file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"predictions file {path} is not valid JSON: {exc}") from None
+    results = read_json(path, "predictions file")
     if isinstance(results, dict) and isinstance(results.get("annotations"), list):
         results = results["annotations"]  # a COCO dataset file used as results
     if not isinstance(results, list):

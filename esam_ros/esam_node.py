@@ -1,12 +1,13 @@
 """esam_node: E-SAM entity segmentation of camera images (rclpy; Humble, Jazzy, Kilted).
 
 Per camera C (parameter ``cameras``, default ``['']``), relative names:
-    in   C/image (sensor_msgs/Image rgb8|bgr8|rgba8|bgra8|mono8), or C/image/compressed
+    in   C/image (sensor_msgs/Image rgb8|bgr8|rgba8|bgra8|mono8|8UC3|8UC1), or C/image/compressed
          (sensor_msgs/CompressedImage JPEG/PNG) with ``input_transport: compressed``;
          with ``depth.enabled`` also C/depth (registered 16UC1 mm | 32FC1 m) and C/camera_info
     out  C/entities (esam_ros/EntityArray), C/entity_labels (sensor_msgs/Image mono16, pixel value
          = entity id, 0 = none), C/entity_overlay (rgb8, lazily: only with subscribers)
-    and /diagnostics (diagnostic_msgs/DiagnosticArray) every ``diagnostics_period`` seconds.
+    and /diagnostics (diagnostic_msgs/DiagnosticArray) every ``diagnostics_period`` seconds,
+    which also warns when frames do not arrive (``esam_ros.node_input``).
 Outputs carry the source image's header. Frames larger than ``max_image_pixels`` are downscaled
 (outputs then have the processed size, given in EntityArray height/width) or refused. Entities get
 track ids and, from depth paired by *header stamp*, 3D: ``esam_ros.node_depth`` gives the rules.

@@ -106,15 +106,19 @@ def prepare_ground_truth(dataset: dict[str, Any]) -> GroundTruth:
     return GroundTruth(gt, {v: k for k, v in new_ids.items()}, skipped)
 
 
+def read_json(path: str | Path, what: str = "annotation file") -> Any:
+    """The parsed JSON file; ValueError naming ``what`` and the path if missing or invalid."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
 def load_ground_truth(path: str | Path) -> GroundTruth:
     """Read a COCO instance-annotation JSON and prepare it (see ``prepare_ground_truth``)."""
-    try:
-        dataset = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"annotation file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"annotation file {path} is not valid JSON: {exc}") from None
-    return prepare_ground_truth(dataset)
+    return prepare_ground_truth(read_json(path))
 
 
 def paint_nonoverlapping(masks: np.ndarray, scores: Sequence[float]) -> np.ndarray:
