@@ -4,12 +4,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTHON ?= python3.11
 
-.PHONY: install test lint bench demo weights clean
+.PHONY: install test lint bench bench-qos demo weights constraints clean
 
+# requirements*.txt give ranges (for ROS workspaces); constraints.txt pins what CI tests.
 install:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements.txt -r requirements-ros.txt -r requirements-dev.txt
+	$(PIP) install -q -r requirements.txt -r requirements-ros.txt -r requirements-dev.txt \
+		-c constraints.txt
 	$(PIP) install -q --no-deps -e .
 	scripts/build_msgs.sh $(VENV)
 	$(PY) -c "import esam_core, esam_ros; from esam_ros.msg import Entity, EntityArray; print('esam_ros installed')"
@@ -26,15 +28,25 @@ bench:
 	OMP_NUM_THREADS=2 $(VENV)/bin/esam bench --backend scene --config config/esam.yaml --grids 32/64 --repeat 1
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench_node --config config/test_tiny.yaml
 
+# How many raw frames reach a subscription by QoS and size (one host; a few minutes).
+bench-qos:
+	$(VENV)/bin/python -m esam_ros.bench_qos
+
 demo:
 	$(VENV)/bin/esam replay data/spot/raw_mcap --config config/esam.yaml --out out/demo_bag \
-		--report out/demo_report.json --overwrite --fallback-test-tiny
-	@echo "demo outputs: out/demo_bag (bag: images, entities, entity_labels), out/demo_report.json"
+		--report out/demo_report.json --overwrite --overlay --fallback-test-tiny
+	@echo "demo outputs: out/demo_bag (bag: images, entities, entity_labels, entity_overlay)," \
+		"out/demo_report.json; view: Foxglove with config/foxglove_layout.json"
 
 # Fetch an official SAM checkpoint (not part of install): make weights MODEL=vit_b
 MODEL ?= vit_h
 weights:
 	$(VENV)/bin/esam download-weights $(MODEL) --dir weights
+
+# After an upgrade that passes `make test`: pin what is installed now.
+constraints:
+	{ head -2 constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^esam'; } > constraints.new
+	mv constraints.new constraints.txt
 
 clean:
 	rm -rf build install log esam_ros/msg esam_ros/esam_ros_s__*.so

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esam_core.config import Config, load_config
+from esam_core.cli_options import add_config_options, config_from_args
+from esam_core.config import Config
 from esam_core.pipeline import EntitySegmenter
 
 #: Stages that are model work, not post-processing.
@@ -26,17 +27,20 @@ _MODEL_STAGES = ("encoder", "amg")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time AMG vs E-SAM on one image (a benchmark, not a test)")
-    p.add_argument("--config", type=Path, default=Path("config/test_tiny.yaml"))
+    p = sub.add_parser("bench", help="time AMG vs E-SAM on one image (a benchmark, not a test)",
+                       description=__doc__.splitlines()[0])
+    add_config_options(p, "test_tiny.yaml")
     p.add_argument("--image", type=Path, help="image file (default: a synthetic cluttered scene)")
     p.add_argument("--size", default="640x480", help="synthetic image size WxH")
-    p.add_argument("--backend", choices=("sam", "scene"), default="sam")
+    p.add_argument("--backend", choices=("sam", "scene"), default="sam",
+                   help="sam: the configured SAM; scene: the fake scene backend")
     p.add_argument("--random-weights", choices=("vit_b", "vit_l", "vit_h"),
-                   help="real-size SAM with random weights (timing only)")
-    p.add_argument("--grids", default=None, help="main/gallery points per side, e.g. 16/32")
-    p.add_argument("--device", default=None, help="override model.device")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--json", type=Path, help="also write the results here")
+                   help="real-size SAM with random weights, timing only (default: off)")
+    p.add_argument("--grids", default=None,
+                   help="main/gallery points per side, e.g. 16/32 (default: the config's)")
+    p.add_argument("--device", default=None, help="model.device (default: the config's)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up")
+    p.add_argument("--json", type=Path, help="also write the results here (default: none)")
     p.set_defaults(func=run)
 
 
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.grids:
         main, gallery = (int(v) for v in args.grids.split("/"))
         overrides.update({"mmg.points_per_side": main, "gallery.points_per_side": gallery})
-    cfg = load_config(args.config, overrides)
+    cfg = config_from_args(args, overrides)
     rgb, scene = _image_and_scene(args)
     backend, label = _backend(args, cfg, scene)
     results = {}

@@ -1,13 +1,14 @@
 """E-SAM configuration: one YAML file that is also a ROS 2 parameter file.
 
-The file has the form ``esam_node: {ros__parameters: {model: {type: vit_h, ...}, mmg: {...}}}``
-(a bare mapping without the ``esam_node``/``ros__parameters`` wrapper is accepted too). Nested keys
-flatten to dotted names (``mmg.theta_o``), exactly as ROS 2 flattens them into parameter names, so
-the node and the CLI read the same file and the same names.
+The file has the form ``/**: {ros__parameters: {model: {type: vit_h, ...}, mmg: {...}}}``
+(a bare mapping without the ``/**``/``ros__parameters`` wrapper is accepted too). Sections apply as
+rcl applies them to the node ``/esam_node`` (``esam_core.param_files``). Nested keys flatten to
+dotted names (``mmg.theta_o``), exactly as ROS 2 flattens them into parameter names, so the node
+and the CLI read the same file and the same names.
 
 Every key, its default and its allowed values are declared once, in ``PARAMETERS``. Defaults are
 the paper's optimum (Table 4) and, for what the paper leaves open, the recommended interpretation
-of ``shared/docs/esam-method.md``; every interpretation is a named parameter so it can be ablated.
+(``docs/method.md``); every interpretation is a named parameter so it can be ablated.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from esam_core.param_files import no_section_error, parameter_sections, sections_for
 
 NODE_NAME = "esam_node"
 
@@ -232,11 +235,12 @@ class Config:
 def read_parameter_file(path: str | Path, node_name: str = NODE_NAME) -> dict[str, Any]:
     """Read a ROS 2 params file (or a bare mapping) into a flat ``{dotted key: value}`` dict.
 
-    Looks for ``node_name`` (also as ``/node_name`` or ``/**/node_name``), then ``/**``. All keys
-    are returned, including ones that are not E-SAM parameters (the node's own).
+    Merges, in file order, every section that applies to the node ``/node_name`` (``/**``,
+    ``node_name``, ``/*``, ...: rcl's rules). All keys are returned, including ones that are not
+    E-SAM parameters (the node's own).
 
     Raises:
-        ConfigError: the file is missing, is not YAML, or has no parameters mapping.
+        ConfigError: the file is missing, is not YAML, or has no section for the node.
     """
     path = Path(path)
     try:
@@ -247,13 +251,16 @@ def read_parameter_file(path: str | Path, node_name: str = NODE_NAME) -> dict[st
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    for name in (node_name, f"/{node_name}", f"/**/{node_name}", "/**"):
-        section = doc.get(name)
-        if isinstance(section, dict) and isinstance(section.get("ros__parameters"), dict):
-            return flatten(section["ros__parameters"])
-    if any(isinstance(v, dict) and "ros__parameters" in v for v in doc.values()):
-        raise ConfigError(f"config file {path}: no '{node_name}' or '/**' ros__parameters section")
-    return flatten(doc)
+    fqn = "/" + node_name.strip("/")
+    sections = sections_for(doc, fqn)
+    if sections is None:
+        return flatten(doc)
+    if not sections:
+        raise ConfigError(no_section_error(path, fqn, list(parameter_sections(doc))))
+    flat: dict[str, Any] = {}
+    for params in sections:
+        flat.update(flatten(params))
+    return flat
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -274,8 +274,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("download-weights", help="download and verify a SAM checkpoint",
                               description=__doc__.splitlines()[0])
     p.add_argument("model_type", choices=sorted(CHECKPOINTS), help="SAM backbone")
-    p.add_argument("--dir", default="weights", help="target directory (default: weights)")
-    p.add_argument("--url", default=None, help="a mirror of the official file")
+    p.add_argument("--dir", default="weights", help="target directory")
+    p.add_argument("--url", default=None,
+                   help="a mirror of the official file (default: the official URL)")
     p.add_argument("--sha256", default=None, help="expected SHA-256 (default: the official one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

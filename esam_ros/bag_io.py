@@ -1,6 +1,8 @@
 """Bag reading and writing for `esam replay`, with rosbags only (no ROS install needed).
 
-Reads ROS 2 bags (sqlite3 or MCAP, a folder or a bare file) and ROS 1 ``.bag`` files; writes a
+Reads ROS 2 bags (sqlite3 or MCAP, a folder or a bare file) and ROS 1 ``.bag`` files; a folder
+holding ``metadata.yaml`` is a rosbag2 bag whatever its name (``ros2 bag record -o run.bag``
+makes one), only a ``.bag`` *file* is ROS 1. Writes a
 rosbag2 (version 9) whose ``esam_ros/msg/EntityArray`` topics carry their full message definition,
 so Foxglove and ``ros2 bag`` decode them.
 
@@ -14,6 +16,8 @@ Output topic rule (what the node publishes in camera namespace C):
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,11 +64,12 @@ def output_topics(inputs: Iterable[str]) -> dict[str, tuple[str, str]]:
 def find_msg_dir() -> Path:
     """The folder holding ``Entity.msg`` and ``EntityArray.msg``.
 
-    Looked up in ``$ESAM_MSG_DIR``, the source tree, then ``share/esam_ros/msg`` of every prefix
-    in ``$AMENT_PREFIX_PATH`` (a colcon install).
+    Looked up in ``$ESAM_MSG_DIR``, the source tree, ``share/esam_ros/msg`` of this Python's
+    prefix (a pip install), then of every prefix in ``$AMENT_PREFIX_PATH`` (a colcon install).
     """
     candidates = [Path(p) for p in [os.environ.get("ESAM_MSG_DIR", "")] if p]
     candidates.append(Path(__file__).resolve().parents[1] / "msg")
+    candidates.append(Path(sys.prefix) / "share" / "esam_ros" / "msg")
     for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
         if prefix:
             candidates.append(Path(prefix) / "share" / "esam_ros" / "msg")
@@ -110,15 +115,27 @@ class BagReader:
         self._fallback = get_typestore(Stores.LATEST)
         self._ros1 = get_typestore(Stores.ROS1_NOETIC)
         self._reader: AnyReader | None = None
+        self._link_dir: tempfile.TemporaryDirectory | None = None
+
+    def _open_path(self) -> Path:
+        """The path to give rosbags: it takes any '.bag' path for ROS 1, so a rosbag2 folder
+        named ``*.bag`` is opened through a link without the suffix."""
+        if self.path.suffix != ".bag" or not (self.path / "metadata.yaml").is_file():
+            return self.path
+        self._link_dir = tempfile.TemporaryDirectory(prefix="esam_bag_")
+        link = Path(self._link_dir.name) / "rosbag2"
+        link.symlink_to(self.path.resolve(), target_is_directory=True)
+        return link
 
     def __enter__(self) -> BagReader:
         if not self.path.exists():
             raise BagError(f"bag not found: {self.path}")
         try:
-            self._reader = AnyReader([self.path], default_typestore=self._fallback)
+            self._reader = AnyReader([self._open_path()], default_typestore=self._fallback)
             self._reader.open()
         except Exception as exc:  # rosbags raises many types (yaml, sqlite, mcap, struct)
             self._reader = None
+            self.__exit__()
             raise BagError(f"cannot open bag {self.path}: {type(exc).__name__}: {exc}") from None
         return self
 
@@ -126,6 +143,9 @@ class BagReader:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._link_dir is not None:
+            self._link_dir.cleanup()
+            self._link_dir = None
 
     @property
     def reader(self) -> AnyReader:

@@ -5,12 +5,17 @@ encoding, building the EntityArray, label and overlay images, and publishing; th
 latency through a real EsamNode over DDS (publish -> entities received, and the node's own
 receive -> publish). Without ``--config`` the node gets a segmenter that returns a precomputed
 result instantly, so the latency is the node's overhead alone; with ``--config`` it runs E-SAM.
+
+The DDS part never talks on the robot's network: it uses its own ROS domain (``--domain-id``,
+default one derived from the process id in 200..231, whatever ``ROS_DOMAIN_ID`` says), discovery
+on localhost only, and topics under a private namespace; it prints all three.
 """
 
 from __future__ import annotations
 
 import argparse
 import array
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -85,16 +90,29 @@ def stage_benchmarks(h: int, w: int, n: int, repeat: int) -> dict[str, tuple[flo
     out[f"EntityArray ({n} entities)"] = timed(lambda: entity_array(header, result), repeat)
     out["label image (mono16)"] = timed(
         lambda: _image(header, conversions.label_image_fields(labels)), repeat)
-    out["overlay image (rgb8)"] = timed(lambda: _image(header, conversions.rgb_image_fields(
-        conversions.overlay_image(rgb, labels))), repeat)
+    out["overlay image (rgb8, ids)"] = timed(lambda: _image(header, conversions.rgb_image_fields(
+        conversions.overlay_image(rgb, labels, entities=result.entities))), repeat)
     big = cv2.resize(rgb, (1920, 1440))
     out["downscale 1920x1440 -> 0.3 MP"] = timed(
         lambda: conversions.fit_max_pixels(big, h * w), repeat)
     return out
 
 
-def end_to_end(h: int, w: int, n: int, frames: int, config: str | None) -> dict[str, Any]:
-    """Publish ``frames`` frames one at a time through a real EsamNode; latencies in ms."""
+def isolate_dds(domain_id: int | None) -> int:
+    """Localhost-only discovery (set before rclpy starts) and the domain id to use."""
+    if os.environ.get("ROS_DISTRO") == "humble":  # Humble knows only the older variable
+        os.environ["ROS_LOCALHOST_ONLY"] = "1"
+    else:  # Iron and newer; ROS_LOCALHOST_ONLY is deprecated there and would conflict
+        os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+        os.environ.pop("ROS_LOCALHOST_ONLY", None)
+        os.environ["ROS_STATIC_PEERS"] = ""
+    return 200 + os.getpid() % 32 if domain_id is None else domain_id
+
+
+def end_to_end(h: int, w: int, n: int, frames: int, config: str | None,
+               domain_id: int | None = None) -> dict[str, Any]:
+    """Publish ``frames`` frames one at a time through a real EsamNode on an isolated DDS domain
+    (``isolate_dds``); latencies in ms. Everything is shut down, threads joined, before return."""
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import MultiThreadedExecutor
@@ -105,72 +123,93 @@ def end_to_end(h: int, w: int, n: int, frames: int, config: str | None) -> dict[
     from esam_ros.esam_node import EsamNode
     from esam_ros.msg import EntityArray
 
+    domain = isolate_dds(domain_id)
+    namespace = f"/esam_bench_{os.getpid()}"
     context = Context()
     args = ["--ros-args", "--params-file", config] if config else None
-    rclpy.init(context=context, args=args)
+    rclpy.init(context=context, args=args, domain_id=domain)
+    print(f"DDS: isolated domain {domain}, localhost-only discovery, topics under {namespace} "
+          f"(ROS_DOMAIN_ID ignored)")
     labels = blocks_label_map(h, w, n)
     seg = None if config else Precomputed(
         EntitySegmentation(labels, entities_from_label_map(labels, [0.9] * n)))
-    node = EsamNode(segmenter=seg, context=context, parameter_overrides=[
-        Parameter("qos.reliability", value="reliable")])
-    client = rclpy.create_node("bench_client", context=context)
-    qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
-    arrived = threading.Event()
-    received: dict[int, float] = {}
+    node = client = executor = spinner = None
+    try:
+        node = EsamNode(segmenter=seg, context=context, namespace=namespace,
+                        parameter_overrides=[Parameter("qos.reliability", value="reliable")],
+                        params_files=[config] if config else None)
+        client = rclpy.create_node("bench_client", namespace=namespace, context=context)
+        qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+        arrived = threading.Event()
+        received: dict[int, float] = {}
 
-    def on_entities(msg: EntityArray) -> None:
-        received[msg.header.stamp.nanosec] = time.perf_counter()
-        arrived.set()
+        def on_entities(msg: EntityArray) -> None:
+            received[msg.header.stamp.nanosec] = time.perf_counter()
+            arrived.set()
 
-    client.create_subscription(EntityArray, "entities", on_entities, qos)
-    pub = client.create_publisher(Image, "image", qos)
-    executor = MultiThreadedExecutor(num_threads=2, context=context)
-    executor.add_node(node)
-    executor.add_node(client)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    rgb = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    deadline = time.monotonic() + 20.0
-    while pub.get_subscription_count() == 0 or client.count_publishers("entities") == 0:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the node and the benchmark client did not discover each other")
-        time.sleep(0.05)
-    sent: dict[int, float] = {}
-    for i in range(frames + 3):  # three warm-up frames
-        msg = Image(height=h, width=w, encoding="rgb8", step=3 * w)
-        msg.data = array.array("B", rgb.tobytes())
-        msg.header.stamp.nanosec = i
-        arrived.clear()
-        sent[i] = time.perf_counter()
-        pub.publish(msg)
-        arrived.wait(timeout=120.0)
-    stats = node.stats.snapshot("")
-    executor.shutdown()
-    node.destroy_node()
-    client.destroy_node()
-    rclpy.shutdown(context=context)
+        client.create_subscription(EntityArray, "entities", on_entities, qos)
+        pub = client.create_publisher(Image, "image", qos)
+        executor = MultiThreadedExecutor(num_threads=2, context=context)
+        executor.add_node(node)
+        executor.add_node(client)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        rgb = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        deadline = time.monotonic() + 20.0
+        while pub.get_subscription_count() == 0 or client.count_publishers(
+                f"{namespace}/entities") == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the node and the benchmark client did not discover each "
+                                   "other")
+            time.sleep(0.05)
+        sent: dict[int, float] = {}
+        for i in range(frames + 3):  # three warm-up frames
+            msg = Image(height=h, width=w, encoding="rgb8", step=3 * w)
+            msg.data = array.array("B", rgb.tobytes())
+            msg.header.stamp.nanosec = i
+            arrived.clear()
+            sent[i] = time.perf_counter()
+            pub.publish(msg)
+            arrived.wait(timeout=120.0)
+        stats = node.stats.snapshot("")
+        stage_s = dict(node.stats.stage_s)
+    finally:  # an executor thread left spinning at exit aborts the process ("terminate called")
+        if executor is not None:
+            executor.shutdown(timeout_sec=10.0)
+        if spinner is not None:
+            spinner.join(timeout=10.0)
+        for n_ in (node, client):
+            if n_ is not None:
+                n_.destroy_node()
+        rclpy.shutdown(context=context)
     lat = [(received[i] - sent[i]) * 1000.0 for i in range(3, frames + 3) if i in received]
     node_lat = np.asarray(stats["latency_s"][3:]) * 1000.0
     return dict(frames=len(lat), e2e=(np.median(lat), np.percentile(lat, 95)),
                 node=(np.median(node_lat), np.percentile(node_lat, 95)),
-                dropped=stats["dropped"], stage_s=dict(node.stats.stage_s))
+                dropped=stats["dropped"], stage_s=stage_s)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from esam_ros.cli import HelpFormatter
+
     parser = argparse.ArgumentParser(prog="python -m esam_ros.bench_node",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=640)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--entities", type=int, default=40)
+                                     description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--width", type=int, default=640, help="frame width")
+    parser.add_argument("--height", type=int, default=480, help="frame height")
+    parser.add_argument("--entities", type=int, default=40, help="entities in the result")
     parser.add_argument("--repeat", type=int, default=30, help="repeats per stage")
     parser.add_argument("--frames", type=int, default=30, help="end-to-end frames")
-    parser.add_argument("--config", help="run real E-SAM from this params file")
+    parser.add_argument("--config", help="run real E-SAM from this params file (default: an "
+                                         "instant segmenter, node overhead only)")
+    parser.add_argument("--domain-id", type=int, choices=range(0, 233), metavar="0..232",
+                        help="ROS domain of the DDS part (default: 200 + pid % 32)")
     a = parser.parse_args(argv)
     h, w, n = a.height, a.width, a.entities
     print(f"node stages at {w}x{h}, {n} entities (ms, median / p95):")
     for name, (med, p95) in stage_benchmarks(h, w, n, a.repeat).items():
         print(f"  {name:32s} {med:8.2f} {p95:8.2f}")
-    r = end_to_end(h, w, n, a.frames, a.config)
+    r = end_to_end(h, w, n, a.frames, a.config, a.domain_id)
     what = f"E-SAM from {a.config}" if a.config else "instant segmenter: node overhead only"
     print(f"end to end over DDS, {r['frames']} frames, {what} (ms, median / p95):")
     print(f"  {'publish -> entities received':32s} {r['e2e'][0]:8.2f} {r['e2e'][1]:8.2f}")

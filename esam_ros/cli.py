@@ -1,7 +1,8 @@
-"""`esam`: the command line (segment, bench, download-weights, replay, eval, fidelity). Needs no ROS install.
+"""`esam`: the command line (segment, bench, download-weights, replay, eval, fidelity), no ROS.
 
 Each subcommand lives in its own module with ``register(subparsers)``, which adds its parser and
-sets ``func(args) -> int`` (the exit code). Modules are imported lazily so one broken optional
+sets ``func(args) -> int`` (the exit code). Only the requested subcommand's module is imported
+(``esam --help`` and ``esam --version`` import none, so no torch), and one broken optional
 dependency does not take the whole command down.
 """
 
@@ -12,26 +13,47 @@ import importlib
 import logging
 import sys
 
-#: subcommand name -> module providing ``register(subparsers)``.
+from esam_ros import __version__
+
+#: subcommand name -> (module providing ``register(subparsers)``, one-line help).
 COMMANDS = {
-    "segment": "esam_ros.cmd_segment",
-    "bench": "esam_core.bench",
-    "download-weights": "esam_core.weights",
-    "replay": "esam_ros.replay",
-    "eval": "esam_ros.evaluate",
-    "fidelity": "esam_ros.fidelity",
+    "segment": ("esam_ros.cmd_segment", "segment image files into entities"),
+    "bench": ("esam_core.bench", "time AMG vs E-SAM on one image (a benchmark, not a test)"),
+    "download-weights": ("esam_core.weights", "download and verify a SAM checkpoint"),
+    "replay": ("esam_ros.cmd_replay", "segment every image of a bag offline, write the results to "
+                                  "a bag"),
+    "eval": ("esam_ros.cmd_eval", "AP^e on a COCO-format dataset, or of a predictions file "
+                                  "(pycocotools)"),
+    "fidelity": ("esam_ros.fidelity", "E-SAM vs AMG and SAM^O on simulated SAM masks (AP^e)"),
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where its help already says it or it is an off
+    switch (``store_true``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esam", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="esam", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"esam {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Register only the requested command when it is known (fast start, isolated imports);
-    # otherwise all of them, so --help lists everything.
-    wanted = [a for a in argv if a in COMMANDS][:1] or list(COMMANDS)
-    for name in wanted:
-        importlib.import_module(COMMANDS[name]).register(sub)
+    wanted = [a for a in argv if a in COMMANDS][:1]
+    for name, (module, text) in COMMANDS.items():
+        if name in wanted:
+            importlib.import_module(module).register(sub)
+        else:  # listed for --help and the choices; its options load only when it is asked for
+            sub.add_parser(name, help=text)
+    for p in sub.choices.values():
+        p.formatter_class = HelpFormatter
     return parser
 
 

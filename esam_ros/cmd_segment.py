@@ -1,4 +1,4 @@
-"""`esam segment IMAGE... --config CONFIG --out DIR [--mode esam|amg|sam_o]`.
+"""`esam segment IMAGE... --out DIR [--config CONFIG] [--model TYPE] [--set KEY=VALUE] [--mode M]`.
 
 For each image writes ``<stem>_labels.png`` (16-bit, lossless), ``<stem>_overlay.png`` and
 ``<stem>_entities.json`` (size, mode, entities with COCO RLE, timings). A file that cannot be read
@@ -17,7 +17,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from esam_core.config import load_config
+from esam_core.cli_options import add_config_options, config_from_args
 from esam_core.image_io import read_rgb
 from esam_core.types import EntitySegmentation
 
@@ -25,11 +25,15 @@ log = logging.getLogger("esam.segment")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment image files into entities")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--config", type=Path, default=Path("config/esam.yaml"))
+    p = sub.add_parser("segment", help="segment image files into entities",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                   help="8-bit image files (JPEG, PNG, ...); 16-bit or float single-channel "
+                        "images (depth) are refused")
+    add_config_options(p)
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--mode", choices=("esam", "amg", "sam_o"), help="override config 'mode'")
+    p.add_argument("--mode", choices=("esam", "amg", "sam_o"),
+                   help="esam | amg | sam_o (default: the config's mode)")
     p.set_defaults(func=run)
 
 
@@ -50,7 +54,7 @@ def write_outputs(out: Path, stem: str, rgb: np.ndarray, result: EntitySegmentat
     out.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out / f"{stem}_labels.png"), result.label_map.astype(np.uint16)):
         raise OSError(f"could not write {out / f'{stem}_labels.png'}")
-    overlay = overlay_image(rgb, result.label_map)
+    overlay = overlay_image(rgb, result.label_map, entities=result.entities)
     cv2.imwrite(str(out / f"{stem}_overlay.png"), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
     doc = {"image": stem, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
            "mode": result.mode, "entities": entity_records(result),
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from esam_core.pipeline import EntitySegmenter
 
     overrides = {"mode": args.mode} if args.mode else {}
-    segmenter = EntitySegmenter(load_config(args.config, overrides))
+    segmenter = EntitySegmenter(config_from_args(args, overrides))
     failed = 0
     for path in tqdm(args.images, desc="segment", unit="image"):
         try:

@@ -7,17 +7,21 @@ of ints. Channel order is always explicit: every function returns or takes RGB.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
-SUPPORTED_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
+SUPPORTED_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC3", "8UC1")
 
 #: Channels of each supported encoding, and the OpenCV conversion to RGB (None: already RGB).
-_CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
+#: Some drivers publish OpenCV type names: 8UC3 is OpenCV's BGR order (cv_bridge reads it as
+#: bgr8), 8UC1 one grey channel (mono8).
+_CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8uc3": 3, "8uc1": 1}
 _TO_RGB = {"rgb8": None, "bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB,
-           "bgra8": cv2.COLOR_BGRA2RGB, "mono8": cv2.COLOR_GRAY2RGB}
+           "bgra8": cv2.COLOR_BGRA2RGB, "mono8": cv2.COLOR_GRAY2RGB,
+           "8uc3": cv2.COLOR_BGR2RGB, "8uc1": cv2.COLOR_GRAY2RGB}
 #: Encodings that carry depth or other metric values, refused with a specific reason.
 _DEPTH_ENCODINGS = ("16uc1", "32fc1", "mono16", "16sc1", "32sc1", "64fc1")
 
@@ -87,7 +91,7 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     code = _TO_RGB[enc]
     if code is None:
         return pixels.copy()  # never alias the message buffer
-    if enc == "mono8":
+    if channels == 1:
         pixels = pixels[:, :, 0]
     return cv2.cvtColor(np.ascontiguousarray(pixels), code)
 
@@ -182,13 +186,19 @@ def _palette() -> np.ndarray:
 _PALETTE = _palette()
 
 
-def overlay_image(rgb: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Entities painted over the image, boundaries in white; background (0) left as is.
+def overlay_image(rgb: np.ndarray, label_map: np.ndarray, alpha: float = 0.5,
+                  entities: Sequence[Any] | None = None, boxes: bool = False) -> np.ndarray:
+    """Entities painted over the image, boundaries in white; background (0) left as is. The one
+    overlay of the node (C/entity_overlay), ``esam replay --overlay`` and ``esam segment``.
 
     Args:
         rgb: (H, W, 3) uint8 RGB.
         label_map: (H, W) integer ids (0..65535); each id gets the same colour in every frame.
         alpha: weight of the entity colour in [0, 1].
+        entities: objects with ``id``, ``bbox`` (x, y, w, h) and ``centroid`` (x, y), e.g.
+            ``EntitySegmentation.entities``: their ids are written at their centroids (entities
+            too small for the text are left unlabelled). None: no ids.
+        boxes: also draw each entity's bounding box in its colour (needs ``entities``).
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -203,7 +213,28 @@ def overlay_image(rgb: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) ->
     # Morphological gradient of the id image: non-zero exactly where a 3x3 window sees two ids.
     edges = cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
     cv2.add(out, (255, 255, 255, 0), dst=out, mask=cv2.compare(edges, 0, cv2.CMP_GT))
+    if entities:
+        _draw_entities(out, entities, boxes)
     return out
+
+
+def _draw_entities(out: np.ndarray, entities: Sequence[Any], boxes: bool) -> None:
+    """Ids at the centroids (white on a dark outline, readable on any colour), boxes in place."""
+    h, w = out.shape[:2]
+    scale = float(np.clip(min(h, w) / 800.0, 0.3, 1.5))
+    thick = max(1, int(round(scale * 2)))
+    for e in entities:
+        x, y, bw, bh = (int(v) for v in e.bbox)
+        if boxes:
+            color = tuple(int(c) for c in _PALETTE[int(e.id) % 65536])
+            cv2.rectangle(out, (x, y), (x + bw - 1, y + bh - 1), color, thick)
+        text = str(int(e.id))
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        if tw > bw or th > bh:  # would hide the entity (and its neighbours) under its label
+            continue
+        org = (int(e.centroid[0] - tw / 2), int(e.centroid[1] + th / 2))
+        for color, t in (((0, 0, 0), thick + 2), ((255, 255, 255), thick)):
+            cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, t, cv2.LINE_AA)
 
 
 def fit_max_pixels(rgb: np.ndarray, max_pixels: int) -> tuple[np.ndarray, float]:

@@ -40,6 +40,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 
 from esam_core.config import ConfigError
 from esam_core.weights import CheckpointError
+from esam_ros.node_params import help_requested, usage_text
 from esam_ros.node_runtime import EsamRuntime, StartupError, run
 from esam_ros.node_stats import memory_mb
 
@@ -57,9 +58,9 @@ class EsamLifecycleNode(EsamRuntime, LifecycleNode):
         last_error: the message of the last failed transition ('' if none).
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, params_files: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        self._init_runtime()
+        self._init_runtime(params_files, kwargs.get("cli_args"))
         self._watching_params = False
         self.last_error = ""
         self.autostarted: bool | None = None
@@ -159,8 +160,8 @@ class EsamLifecycleNode(EsamRuntime, LifecycleNode):
         super().destroy_node()
 
 
-def _make_node() -> EsamLifecycleNode:
-    node = EsamLifecycleNode()
+def _make_node(**kwargs: Any) -> EsamLifecycleNode:
+    node = EsamLifecycleNode(**kwargs)
     if node.autostarted is False:
         node.destroy_node()
         raise StartupError("autostart: the node did not become active (the error above); "
@@ -169,7 +170,11 @@ def _make_node() -> EsamLifecycleNode:
 
 
 def main(args: list[str] | None = None) -> int:
-    """``esam_lifecycle_node [--ros-args ...]``: 0 on a normal stop, 1 on a start-up error."""
+    """``esam_lifecycle_node [--ros-args ...]``: 0 on a normal stop, 1 on a start-up error;
+    ``--help`` prints the usage and every parameter without starting a node."""
+    if help_requested(sys.argv[1:] if args is None else args):
+        print(usage_text(EXECUTABLE, __doc__))
+        return 0
     return run(_make_node, NODE_NAME, args)
 
 

@@ -1,12 +1,13 @@
 """esam_node: E-SAM entity segmentation of camera images (rclpy; Humble, Jazzy, Kilted).
 
 Per camera C (parameter ``cameras``, default ``['']``), relative names:
-    in   C/image (sensor_msgs/Image rgb8|bgr8|rgba8|bgra8|mono8), or C/image/compressed
+    in   C/image (sensor_msgs/Image rgb8|bgr8|rgba8|bgra8|mono8|8UC3|8UC1), or C/image/compressed
          (sensor_msgs/CompressedImage JPEG/PNG) with ``input_transport: compressed``;
          with ``depth.enabled`` also C/depth (registered 16UC1 mm | 32FC1 m) and C/camera_info
     out  C/entities (esam_ros/EntityArray), C/entity_labels (sensor_msgs/Image mono16, pixel value
          = entity id, 0 = none), C/entity_overlay (rgb8, lazily: only with subscribers)
-    and /diagnostics (diagnostic_msgs/DiagnosticArray) every ``diagnostics_period`` seconds.
+    and /diagnostics (diagnostic_msgs/DiagnosticArray) every ``diagnostics_period`` seconds,
+    which also warns when frames do not arrive (``esam_ros.node_input``).
 Outputs carry the source image's header. Frames larger than ``max_image_pixels`` are downscaled
 (outputs then have the processed size, given in EntityArray height/width) or refused. Entities get
 track ids and, from depth paired by *header stamp*, 3D: ``esam_ros.node_depth`` gives the rules.
@@ -24,6 +25,7 @@ from typing import Any
 from rclpy.node import Node
 
 from esam_ros.node_depth import entity_array, image_msg
+from esam_ros.node_params import help_requested, usage_text
 from esam_ros.node_runtime import EsamRuntime, run
 from esam_ros.node_worker import CameraState
 
@@ -35,9 +37,10 @@ __all__ = ["CameraState", "EsamNode", "NODE_NAME", "entity_array", "main"]
 class EsamNode(EsamRuntime, Node):
     """The E-SAM node; ``segmenter`` may be injected (tests), else built from the parameters."""
 
-    def __init__(self, segmenter: Any = None, **kwargs: Any) -> None:
+    def __init__(self, segmenter: Any = None, params_files: list[str] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        self._init_runtime()
+        self._init_runtime(params_files, kwargs.get("cli_args"))
         try:
             self._declare()
             self._load_model(segmenter)  # the slow part: load SAM before anything is advertised
@@ -55,7 +58,11 @@ class EsamNode(EsamRuntime, Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    """``esam_node [--ros-args ...]``: exit code 0 on a normal stop, 1 on a start-up error."""
+    """``esam_node [--ros-args ...]``: exit code 0 on a normal stop, 1 on a start-up error;
+    ``esam_node --help`` prints the usage and every parameter without starting a node."""
+    if help_requested(sys.argv[1:] if args is None else args):
+        print(usage_text("esam_node", __doc__))
+        return 0
     return run(EsamNode, NODE_NAME, args)
 
 

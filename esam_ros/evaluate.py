@@ -1,15 +1,15 @@
 """`esam eval`: AP^e (class-agnostic COCO mask AP on non-overlapping predictions) with pycocotools.
 
-The recipe is ``shared/docs/metrics.md`` §2: the ground truth is made class-agnostic and its
-annotation and image ids are renumbered from 1 (pycocotools treats a match with annotation id 0
-as a false positive); predictions are the entities of a label map (non-overlapping by
-construction), RLE-encoded, without ``bbox``, at most 100 per image, scored by the entity score.
-``--ablation`` runs the module switches of the paper's Table 3.
+The recipe is ``docs/evaluation.md``: the ground truth is made class-agnostic and its annotation
+and image ids are renumbered from 1 (pycocotools treats a match with annotation id 0 as a false
+positive); predictions are the entities of a label map (non-overlapping by construction),
+RLE-encoded, without ``bbox``, at most 100 per image, scored by the entity score. The command
+line (``--ablation``: the module switches of the paper's Table 3; ``--predictions``: score a
+results file without a model) is ``esam_ros.cmd_eval``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -106,15 +106,19 @@ def prepare_ground_truth(dataset: dict[str, Any]) -> GroundTruth:
     return GroundTruth(gt, {v: k for k, v in new_ids.items()}, skipped)
 
 
+def read_json(path: str | Path, what: str = "annotation file") -> Any:
+    """The parsed JSON file; ValueError naming ``what`` and the path if missing or invalid."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
 def load_ground_truth(path: str | Path) -> GroundTruth:
     """Read a COCO instance-annotation JSON and prepare it (see ``prepare_ground_truth``)."""
-    try:
-        dataset = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"annotation file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"annotation file {path} is not valid JSON: {exc}") from None
-    return prepare_ground_truth(dataset)
+    return prepare_ground_truth(read_json(path))
 
 
 def paint_nonoverlapping(masks: np.ndarray, scores: Sequence[float]) -> np.ndarray:
@@ -234,64 +238,3 @@ def format_table(rows: list[dict[str, Any]], ablation: bool) -> str:
     lines.append("-|-".join("-" * w for w in widths))
     lines += [" | ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    from esam_core.config import load_config
-    from esam_core.pipeline import EntitySegmenter
-    from esam_ros import __version__
-
-    gt = load_ground_truth(args.annotations)
-    images_dir = Path(args.images)
-    if not images_dir.is_dir():
-        raise ValueError(f"image folder not found: {images_dir}")
-    overrides = {"mode": "esam"} if args.ablation else {"mode": args.mode} if args.mode else {}
-    cfg = load_config(args.config, overrides)
-    settings = ([{"modules.mmg": m, "modules.emr": e, "modules.usr": u}
-                 for m, e, u in ABLATION_ROWS] if args.ablation else [{}])
-    segmenter = EntitySegmenter(cfg)
-    rows, report = [], None
-    for i, change in enumerate(settings):
-        row_cfg = cfg.updated(change)
-        segmenter.set_config(row_cfg)
-        desc = f"eval {i + 1}/{len(settings)}" if args.ablation else f"eval {row_cfg['mode']}"
-        report = evaluate_segmenter(segmenter, gt, images_dir, args.max_dets, desc)
-        rows.append({"mode": row_cfg["mode"], "mmg": row_cfg["modules.mmg"],
-                     "emr": row_cfg["modules.emr"], "usr": row_cfg["modules.usr"],
-                     **report["stats"], "seconds_per_image": report["seconds_per_image"]})
-    assert report is not None
-    for name in ("missing", "unreadable"):
-        for f in report[name]:
-            log.warning("image %s: %s", name, f)
-    for s in gt.skipped:
-        log.warning("%s", s)
-    print(format_table(rows, args.ablation))
-    print(f"images: {report['evaluated']} evaluated, {len(report['missing'])} missing, "
-          f"{len(report['unreadable'])} unreadable; {len(gt.skipped)} annotations skipped")
-    results = {"version": __version__, "annotations": str(args.annotations),
-               "images_dir": str(images_dir), "ablation": args.ablation, "rows": rows,
-               "images": {k: report[k] for k in ("evaluated", "missing", "unreadable", "resized")},
-               "annotations_skipped": gt.skipped, "max_dets": args.max_dets,
-               "config": cfg.as_dict()}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"results: {args.out}")
-    else:
-        print(json.dumps({"rows": rows}, indent=2))
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("eval", help="AP^e on a COCO-format dataset (pycocotools)",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("--images", required=True, help="folder of the images (file_name is relative)")
-    p.add_argument("--annotations", required=True, help="COCO instance annotations JSON")
-    p.add_argument("--config", required=True, help="E-SAM YAML config")
-    p.add_argument("--mode", choices=("esam", "amg", "sam_o"),
-                   help="what to evaluate (default: the config's mode)")
-    p.add_argument("--ablation", action="store_true",
-                   help="Table 3: the 8 combinations of modules.mmg/emr/usr (mode esam)")
-    p.add_argument("--max-dets", type=int, default=100, help="predictions kept per image")
-    p.add_argument("--out", help="write RESULTS.json here")
-    p.set_defaults(func=run)

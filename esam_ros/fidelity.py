@@ -23,7 +23,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from esam_core.config import PARAMETERS, Config, load_config
+from esam_core.cli_options import add_config_options, config_from_args
+from esam_core.config import Config
 from esam_ros.evaluate import coco_ap, predictions_from_label_map, prepare_ground_truth
 
 #: Failure-mode columns: "none", each mode alone, then all of them together.
@@ -254,35 +255,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fidelity", help="E-SAM vs AMG and SAM^O on simulated SAM masks (AP^e)",
                        description=__doc__.splitlines()[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", type=Path, default=None,
-                   help="E-SAM config (default: the built-in defaults)")
+    add_config_options(p)
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     p.add_argument("--generated", type=int, default=3, help="generated scenes per seed")
-    p.add_argument("--coco", type=Path, help="also COCO instance annotations of photographs")
-    p.add_argument("--images", type=Path, help="folder of the --coco images")
+    p.add_argument("--coco", type=Path, help="also COCO instance annotations of photographs (default: none)")
+    p.add_argument("--images", type=Path, help="folder of the --coco images (default: the annotation file's folder)")
     p.add_argument("--rows", choices=("core", "all"), default="all",
                    help="core = AMG, SAM^O, E-SAM; all = also Table 3 and every switch")
     p.add_argument("--columns", default=",".join(COLUMNS), help="failure columns to run")
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply every failure rate")
     p.add_argument("--lowres", type=int, default=256, help="working grid long side (SAM: 256)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value for every E-SAM row")
-    p.add_argument("--json", type=Path, help="write the full results here")
+    p.add_argument("--json", type=Path, help="write the full results here (default: none)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
     from esam_core.backends.sim_scenes import coco_scenes
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in PARAMETERS:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with a known parameter")
-        overrides[key] = yaml.safe_load(value)
-    cfg = load_config(args.config, overrides)
+    cfg = config_from_args(args)
     columns = tuple(c for c in args.columns.split(",") if c)
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:

@@ -57,9 +57,11 @@ def topic(cam: str, name: str) -> str:
     return f"{cam}/{name}" if cam else name
 
 
-def qos_events(node: Node, cam: Any, name: str) -> SubscriptionEventCallbacks:
+def qos_events(node: Node, cam: Any, name: str,
+               on_lost: Callable[[int], None] | None = None) -> SubscriptionEventCallbacks:
     """Event callbacks for subscription ``name`` of camera ``cam`` (with a ``qos_warned`` flag):
-    one error per camera when a publisher's QoS is incompatible (no message would ever arrive)."""
+    one error per camera when a publisher's QoS is incompatible (no message would ever arrive),
+    and ``on_lost(count)`` when the middleware reports lost samples (where the rmw supports it)."""
     def on_incompatible(event: Any) -> None:
         if cam.qos_warned:  # once: the event repeats for every matching attempt
             return
@@ -69,7 +71,12 @@ def qos_events(node: Node, cam: Any, name: str) -> SubscriptionEventCallbacks:
             f"'{node.resolve_topic_name(name)}': a publisher offers QoS incompatible with this "
             f"subscription ({policy}); no frames will arrive. Fix: set parameter "
             f"qos.reliability to best_effort (accepts any publisher) or match the publisher")
-    return SubscriptionEventCallbacks(incompatible_qos=on_incompatible)
+
+    def on_message_lost(event: Any) -> None:
+        on_lost(int(event.total_count_change))
+
+    return SubscriptionEventCallbacks(incompatible_qos=on_incompatible,
+                                      message_lost=on_message_lost if on_lost else None)
 
 
 def stamp_s(header: Any) -> float:

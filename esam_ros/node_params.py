@@ -8,14 +8,18 @@ CLI (``esam_core.config.validate_value``) so a parameter file means the same thi
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from esam_core.config import PARAMETERS, ConfigError, Param, validate_value
+from esam_core.param_files import no_section_error, parameter_sections, sections_for
 
 #: The node's own parameters (not read by the CLI); same schema as ``PARAMETERS``.
 NODE_PARAMETERS: dict[str, Param] = {
@@ -29,8 +33,13 @@ NODE_PARAMETERS: dict[str, Param] = {
     "qos.reliability": Param("best_effort", "input QoS reliability (must be compatible with "
                              "the publisher)", choices=("best_effort", "reliable"), dynamic=False),
     "qos.depth": Param(1, "input QoS keep-last depth", min=1, max=1000, dynamic=False),
+    "input_timeout_s": Param(5.0, "warn (/diagnostics, log) when a camera topic has publishers "
+                             "but no frame arrived for this long (s)", min=0.1, max=3600.0,
+                             dynamic=False),
     "publish_overlay": Param(True, "publish C/entity_overlay (rgb8) when it has subscribers"),
     "overlay_alpha": Param(0.5, "weight of the entity colours in the overlay", min=0.0, max=1.0),
+    "overlay_ids": Param(True, "draw each entity's id (its label value) on the overlay"),
+    "overlay_boxes": Param(False, "draw each entity's bounding box on the overlay"),
     "max_image_pixels": Param(2073600, "largest frame (width*height) processed as is; "
                               "0 = no limit", min=0, max=10**9),
     "oversize_policy": Param("downscale", "frames above max_image_pixels: downscale (outputs "
@@ -122,6 +131,36 @@ def undeclared_overrides(node: Node) -> list[str]:
     return sorted(n for n in overrides if not node.has_parameter(n) and not n.startswith("qos_"))
 
 
+def ros_params_files(args: Sequence[str]) -> list[str]:
+    """The ``--params-file`` values inside the ``--ros-args ... [--]`` blocks of ``args``."""
+    files, in_ros = [], False
+    for i, arg in enumerate(args):
+        if arg == "--ros-args":
+            in_ros = True
+        elif arg == "--":
+            in_ros = False
+        elif in_ros and arg == "--params-file" and i + 1 < len(args):
+            files.append(args[i + 1])
+    return files
+
+
+def check_params_files(files: Sequence[str], fqn: str) -> None:
+    """Refuse parameter files that have sections, none for the node ``fqn``.
+
+    rcl silently skips such a file (the node would start with defaults: vit_h, no checkpoint).
+
+    Raises:
+        ConfigError: naming the file, the node's full name and the sections present.
+    """
+    for path in files:
+        try:
+            doc = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # rcl has already read the file, or refused it with its own error
+        if sections_for(doc, fqn) == []:
+            raise ConfigError(no_section_error(path, fqn, list(parameter_sections(doc))))
+
+
 def changes_from(params: list[Parameter]) -> dict[str, Any]:
     """Validate a set-parameters request; returns ``{name: value}`` or raises ConfigError."""
     changes: dict[str, Any] = {}
@@ -132,3 +171,30 @@ def changes_from(params: list[Parameter]) -> dict[str, Any]:
             raise ConfigError(f"parameter '{param.name}' is read-only while the node runs")
         changes[param.name] = check_value(param.name, param.value)
     return changes
+
+
+def help_requested(argv: Sequence[str]) -> bool:
+    """``-h`` or ``--help`` before the first ``--ros-args`` (ROS arguments never use them)."""
+    args = list(argv)
+    head = args[: args.index("--ros-args")] if "--ros-args" in args else args
+    return "-h" in head or "--help" in head
+
+
+def usage_text(executable: str, doc: str) -> str:
+    """``EXECUTABLE --help``: how to run it, the first paragraph of ``doc``, every parameter."""
+    from esam_core.param_files import installed_config
+
+    config = installed_config() or "config/esam.yaml (not found)"
+    lines = [f"usage: {executable} [-h] [--ros-args [--params-file FILE] [-p NAME:=VALUE] "
+             f"[-r FROM:=TO] [-r __ns:=/NAMESPACE] [-r __node:=NAME] ...]", "",
+             doc.strip().split("\n\n")[0], "",
+             f"Parameter file with every parameter, its default and a comment: {config}",
+             "(its '/**:' section applies under any node name and namespace). Example:",
+             f"  {executable} --ros-args --params-file {config} -r image:=/camera/image_raw", "",
+             "Parameters (name = default, [dynamic]: may change while running):"]
+    for name, p in ALL_PARAMETERS.items():
+        extra = f" one of {', '.join(p.choices)};" if p.choices else ""
+        rng = f" [{p.min}, {p.max}];" if p.min is not None and not p.choices else ""
+        lines.append(f"  {name} = {p.default!r}{' [dynamic]' if p.dynamic else ''}:{extra}{rng} "
+                     f"{p.description}")
+    return "\n".join(lines)

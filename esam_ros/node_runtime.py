@@ -33,7 +33,13 @@ from esam_core.config import PARAMETERS, Config, ConfigError
 from esam_core.weights import CheckpointError
 from esam_ros.msg import EntityArray
 from esam_ros.node_depth import CameraSpatial, qos_events, topic
-from esam_ros.node_params import changes_from, declare_all, undeclared_overrides
+from esam_ros.node_params import (
+    changes_from,
+    check_params_files,
+    declare_all,
+    ros_params_files,
+    undeclared_overrides,
+)
 from esam_ros.node_stats import NodeStats
 from esam_ros.node_worker import CameraState, FrameWorker
 
@@ -45,8 +51,14 @@ class StartupError(Exception):
 class EsamRuntime(FrameWorker):
     """Mixin for an rclpy ``Node``: parameters, model, per-camera I/O, worker, publishing."""
 
-    def _init_runtime(self) -> None:
-        """Empty state (call first, in ``__init__``)."""
+    def _init_runtime(self, params_files: list[str] | None, cli_args: list[str] | None) -> None:
+        """Empty state (call first, in ``__init__``).
+
+        Args:
+            params_files: the ``--params-file`` files of the process (``run`` finds them); with
+                the node's own ``cli_args``, each must have a section for this node.
+        """
+        self._params_files = list(params_files or []) + ros_params_files(cli_args or [])
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -63,8 +75,10 @@ class EsamRuntime(FrameWorker):
         """Declare (or re-read) and validate every parameter; cameras and counters.
 
         Raises:
-            ConfigError: one line naming the first invalid parameter.
+            ConfigError: one line naming the first invalid parameter, or a parameter file with
+                no section for this node (rcl would have ignored it).
         """
+        check_params_files(self._params_files, self.get_fully_qualified_name())
         params = declare_all(self)
         for name in undeclared_overrides(self):
             self.get_logger().warning(f"unknown parameter '{name}' ignored (typo?)")
@@ -75,7 +89,13 @@ class EsamRuntime(FrameWorker):
         self._last_log: dict[tuple[str, str], float] = {}
         self._downscale_logged: set[str] = set()
         self.cameras = {c: CameraState(c) for c in params["cameras"]}
-        self.stats = NodeStats(list(self.cameras))
+        image = "image/compressed" if params["input_transport"] == "compressed" else "image"
+        for cam in self.cameras.values():
+            cam.input_topic = self.resolve_topic_name(topic(cam.name, image))
+        hint = ("best_effort drops large raw frames whole: try qos.reliability reliable or "
+                "compressed input (README, QoS)" if params["qos.reliability"] == "best_effort"
+                else "check that the publisher publishes and its QoS (ros2 topic info -v)")
+        self.stats = NodeStats(list(self.cameras), params["input_timeout_s"], hint)
 
     def _load_model(self, segmenter: Any = None) -> None:
         """Use ``segmenter`` (tests), else build one from the current parameters (slow).
@@ -111,9 +131,18 @@ class EsamRuntime(FrameWorker):
             torch.cuda.empty_cache()
 
     def _ready_text(self) -> str:
-        return (f"model {self.model_name} on {self.device}, cameras "
-                f"{[c or '/' for c in self.cameras]}, input {self.params['input_transport']}, "
-                f"QoS {self.params['qos.reliability']} depth {self.params['qos.depth']}")
+        """Model, device, QoS and, per camera, the resolved input and output topic names."""
+        cams = []
+        for cam in self.cameras.values():
+            ins = [cam.input_topic, *(self.resolve_topic_name(topic(cam.name, t))
+                                      for t in (("depth", "camera_info") if self._cfg and
+                                                self._cfg["depth.enabled"] else ()))]
+            outs = [self.resolve_topic_name(topic(cam.name, t))
+                    for t in ("entities", "entity_labels", "entity_overlay")]
+            cams.append(f"camera '{cam.name or '/'}': in {', '.join(ins)} -> out {', '.join(outs)}")
+        return (f"model {self.model_name} on {self.device}, input {self.params['input_transport']}"
+                f", QoS {self.params['qos.reliability']} depth {self.params['qos.depth']}; "
+                + "; ".join(cams))
 
     def _start_io(self) -> None:
         """Subscriptions, publishers, the /diagnostics timer, then the worker thread."""
@@ -133,9 +162,11 @@ class EsamRuntime(FrameWorker):
         for cam in self.cameras.values():
             events = functools.partial(qos_events, self, cam)  # events(topic): QoS warnings
             name = topic(cam.name, "image/compressed" if compressed else "image")
+            lost = functools.partial(self.stats.lost_samples, cam.name)
             sub = self.create_subscription(
                 CompressedImage if compressed else Image, name,
-                lambda msg, c=cam: self._on_image(c, msg), qos_in, event_callbacks=events(name))
+                lambda msg, c=cam: self._on_image(c, msg), qos_in,
+                event_callbacks=qos_events(self, cam, name, lost))
             self._io.append((self.destroy_subscription, sub))
             cam.spatial = CameraSpatial(self, cam.name, self._cfg, self.params, self.stats,
                                         qos_in, events, functools.partial(self._warn, cam))
@@ -186,12 +217,17 @@ class EsamRuntime(FrameWorker):
         return SetParametersResult(successful=True)
 
     def _publish_diagnostics(self) -> None:
+        for cam in self.cameras.values():
+            self.stats.publishers(cam.name, self.count_publishers(cam.input_topic))
         self._diag_pub.publish(self.stats.diagnostics(
             self.get_fully_qualified_name(), self.device, self.get_clock().now().to_msg()))
+        for cam_name, (reason, text) in self.stats.input_problems().items():
+            cam = self.cameras[cam_name]
+            self._warn(cam, reason, f"'{cam.input_topic}': {text}")
 
 
-def run(make_node: Callable[[], Any], name: str, args: list[str] | None) -> int:
-    """Init rclpy, build the node with ``make_node`` and spin it until Ctrl-C.
+def run(make_node: Callable[..., Any], name: str, args: list[str] | None) -> int:
+    """Init rclpy, build the node with ``make_node(params_files=...)`` and spin it until Ctrl-C.
 
     Returns the exit code: 0 on a normal stop, 1 on a start-up error (logged as one fatal line
     naming the parameter, or the checkpoint path tried and how to get it).
@@ -203,7 +239,7 @@ def run(make_node: Callable[[], Any], name: str, args: list[str] | None) -> int:
         return 1
     logger, node, code = rclpy.logging.get_logger(name), None, 0
     try:
-        node = make_node()
+        node = make_node(params_files=ros_params_files(sys.argv if args is None else args))
         executor = SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin()

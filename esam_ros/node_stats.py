@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
+from esam_ros.node_input import InputMonitor
+
 _LATENCY_WINDOW = 200  # latest latencies kept for the percentiles
 
 
@@ -45,19 +47,46 @@ class CameraStats:
 
 
 class NodeStats:
-    """Thread-safe counters, latencies and stage times of all cameras."""
+    """Thread-safe counters, latencies and stage times of all cameras.
 
-    def __init__(self, cameras: list[str]) -> None:
+    Args:
+        input_timeout_s, input_hint: of each camera's ``InputMonitor`` (receive-side health).
+    """
+
+    def __init__(self, cameras: list[str], input_timeout_s: float = 5.0,
+                 input_hint: str = "") -> None:
         self._lock = threading.Lock()
         self.cameras = {c: CameraStats() for c in cameras}
         self.stage_s: dict[str, float] = {}  # exponential moving average per stage
         self._last_report = time.perf_counter()
+        self.inputs = {c: InputMonitor(input_timeout_s, input_hint, self._last_report)
+                       for c in cameras}
+        self._problems: dict[str, tuple[str, str]] = {}
 
-    def received(self, cam: str, replaced_unprocessed: bool) -> None:
+    def received(self, cam: str, replaced_unprocessed: bool, stamp: float | None = None) -> None:
+        """A frame arrived (``stamp``: its header stamp in seconds, for the loss estimate)."""
+        now = time.perf_counter()
         with self._lock:
             s = self.cameras[cam]
             s.received += 1
             s.dropped += int(replaced_unprocessed)
+            if stamp is not None:
+                self.inputs[cam].frame(stamp, now)
+
+    def lost_samples(self, cam: str, count: int) -> None:
+        """The middleware reported ``count`` more lost input samples."""
+        with self._lock:
+            self.inputs[cam].lost(count)
+
+    def publishers(self, cam: str, count: int) -> None:
+        """Publishers now matched on the camera's input topic."""
+        with self._lock:
+            self.inputs[cam].set_publishers(count, time.perf_counter())
+
+    def input_problems(self) -> dict[str, tuple[str, str]]:
+        """Camera -> (reason, text) of the receive-side problems of the latest report."""
+        with self._lock:
+            return dict(self._problems)
 
     def downscaled(self, cam: str) -> None:
         with self._lock:
@@ -129,12 +158,14 @@ class NodeStats:
             self._last_report = now
             msg = DiagnosticArray()
             msg.header.stamp = stamp
+            self._problems = {}
             for cam, s in self.cameras.items():
-                msg.status.append(self._camera_status(node_name, cam, s, dt))
+                msg.status.append(self._camera_status(node_name, cam, s, dt, now))
             msg.status.append(self._model_status(node_name, device))
         return msg
 
-    def _camera_status(self, node: str, cam: str, s: CameraStats, dt: float) -> DiagnosticStatus:
+    def _camera_status(self, node: str, cam: str, s: CameraStats, dt: float,
+                       now: float) -> DiagnosticStatus:
         received, published, bad = s.received, s.published, sum(s.bad.values())
         new_bad = bad - s._last[2]
         values = {
@@ -147,6 +178,7 @@ class NodeStats:
             "bad frames": str(bad),
         }
         values.update({f"bad: {r}": str(n) for r, n in sorted(s.bad.items())})
+        values.update(self.inputs[cam].values(now))
         if s.latency_s:
             p50, p95 = np.percentile(np.asarray(s.latency_s) * 1000.0, [50, 95])
             values["latency p50 (ms)"] = f"{p50:.1f}"
@@ -164,14 +196,18 @@ class NodeStats:
         new_missing = missing - s._last[3]
         s._last = (received, published, bad, missing)
         level, text = DiagnosticStatus.OK, "ok"
-        if new_bad:
+        problem = self.inputs[cam].problem(now)
+        if problem is not None:  # frames that never arrived matter most
+            self._problems[cam] = problem
+            level, text = DiagnosticStatus.WARN, f"{problem[0]}: {problem[1]}"
+        elif new_bad:
             level, text = DiagnosticStatus.WARN, f"{new_bad} bad frame(s) in the last period"
         elif new_missing:
             what = "3D" if s.depth_on else "track ids"
             level, text = (DiagnosticStatus.WARN,
                            f"{new_missing} frame(s) published without {what} in the last period")
         elif received == 0:
-            text = "no frames received yet"
+            text = f"no frames received yet ({self.inputs[cam].publishers} publisher(s))"
         return _status(f"{node}: camera '{cam or '/'}'", level, text, values)
 
     def _model_status(self, node: str, device: str) -> DiagnosticStatus:

@@ -19,7 +19,7 @@ from sensor_msgs.msg import CompressedImage
 from esam_core.config import Config
 from esam_ros import conversions
 from esam_ros.conversions import ImageError
-from esam_ros.node_depth import CameraSpatial, entity_array, image_msg
+from esam_ros.node_depth import CameraSpatial, entity_array, image_msg, stamp_s
 
 
 class CameraState:
@@ -30,6 +30,7 @@ class CameraState:
         self.slot: tuple[Any, float] | None = None  # (message, perf_counter at receive)
         self.last_served = 0.0
         self.qos_warned = False
+        self.input_topic = ""  # resolved name of C/image (or C/image/compressed)
         self.pub_entities: Any = None
         self.pub_labels: Any = None
         self.pub_overlay: Any = None
@@ -58,7 +59,7 @@ class FrameWorker:
             replaced = cam.slot is not None
             cam.slot = (msg, now)
             self._cond.notify()
-        self.stats.received(cam.name, replaced)
+        self.stats.received(cam.name, replaced, stamp_s(msg.header))
 
     # --- worker thread ------------------------------------------------------------------------
 
@@ -142,7 +143,10 @@ class FrameWorker:
         cam.pub_entities.publish(entity_array(header, result))
         cam.pub_labels.publish(label_msg)
         if self.params["publish_overlay"] and cam.pub_overlay.get_subscription_count() > 0:
-            overlay = conversions.overlay_image(rgb, labels, self.params["overlay_alpha"])
+            overlay = conversions.overlay_image(
+                rgb, labels, self.params["overlay_alpha"],
+                result.entities if self.params["overlay_ids"] else None,
+                boxes=self.params["overlay_boxes"])
             cam.pub_overlay.publish(image_msg(header, conversions.rgb_image_fields(overlay)))
 
     def _bad_frame(self, cam: CameraState, reason: str, text: str) -> None:

@@ -4,16 +4,14 @@ Deterministic (frames of a topic in bag order, one at a time, no dropping), so t
 config give the same output bag. Bag I/O and the output topic names are in ``esam_ros.bag_io``;
 depth pairing in ``esam_ros.replay_depth``; per-topic work and the report in
 ``esam_ros.replay_report``. Every colour topic gets stable track ids; a colour topic with a depth
-topic (``--depth-topic``) also gets entity positions, sizes and depth coverage.
+topic (``--depth-topic``) also gets entity positions, sizes and depth coverage; ``--overlay`` adds
+the node's ``C/entity_overlay`` (rgb8, entity colours and ids over the image) for viewers.
+The command line (options, report file, exit code) is ``esam_ros.cmd_replay``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import shutil
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from esam_core.cli_options import default_config
 from esam_core.config import Config, load_config
 from esam_core.depth import DepthError
 from esam_core.spatial import EntityAnnotator
@@ -37,7 +36,14 @@ from esam_ros.bag_io import (
     OutputBag,
 )
 from esam_ros.bag_io import output_topics as name_outputs
-from esam_ros.conversions import ImageError, compressed_to_rgb, image_to_rgb, label_image_fields
+from esam_ros.conversions import (
+    ImageError,
+    compressed_to_rgb,
+    image_to_rgb,
+    label_image_fields,
+    overlay_image,
+    rgb_image_fields,
+)
 from esam_ros.replay_depth import (
     CameraInfos,
     DepthPairing,
@@ -45,10 +51,10 @@ from esam_ros.replay_depth import (
     resolve_depth_topics,
     stamp_s,
 )
-from esam_ros.replay_report import TopicProcessor, format_summary, mean_of, stats_of, timing_of
+from esam_ros.replay_report import TopicProcessor, mean_of, stats_of, timing_of
 
 log = logging.getLogger("esam.replay")
-TEST_TINY_YAML = Path(__file__).resolve().parents[1] / "config" / "test_tiny.yaml"
+TEST_TINY_YAML = default_config("test_tiny.yaml")
 
 
 def decode_image(msg: Any, msgtype: str) -> np.ndarray:
@@ -64,8 +70,9 @@ class _Run:
     """One replay: routes bag messages to the topics, segments frames, writes the results."""
 
     def __init__(self, writer: OutputBag, segmenter: Any, procs: dict[str, TopicProcessor],
-                 infos: dict[str, CameraInfos]) -> None:
+                 infos: dict[str, CameraInfos], overlay: bool = False) -> None:
         self.writer, self.segmenter, self.procs, self.infos = writer, segmenter, procs, infos
+        self.overlay = overlay
         self.users: dict[str, list[str]] = defaultdict(list)  # depth topic -> colour topics
         for p in procs.values():
             if p.depth_topic is not None:
@@ -128,6 +135,10 @@ class _Run:
                      writer.label_image(header, label_image_fields(seg.label_map)))
         writer.write(proc.entities_topic, ENTITY_ARRAY, bm.timestamp,
                      writer.entity_array(header, h, w, seg.entities))
+        if self.overlay:  # C/entity_labels -> C/entity_overlay, as the node names it
+            writer.write(proc.labels_topic.removesuffix("entity_labels") + "entity_overlay",
+                         IMAGE, bm.timestamp, writer.label_image(header, rgb_image_fields(
+                             overlay_image(rgb, seg.label_map, entities=seg.entities))))
         t3 = time.perf_counter()
         for stage, seconds in seg.timings.items():
             self.timings[stage].append(seconds)
@@ -139,12 +150,13 @@ class _Run:
 def replay(bag: str | Path, out: str | Path, segmenter: Any, cfg: Config,
            topics: list[str] | None = None, storage: str = "mcap", progress: bool = True,
            depth_topics: list[str] | None = None,
-           camera_info_topics: list[str] | None = None) -> dict[str, Any]:
+           camera_info_topics: list[str] | None = None, overlay: bool = False) -> dict[str, Any]:
     """Segment every frame of the image topics of ``bag`` in order and write ``out``.
 
     Args:
         depth_topics: ``["DEPTH"]`` for the only colour topic, or ``["COLOR=DEPTH", ...]``.
         camera_info_topics: likewise; default: the ``camera_info`` next to the depth topic.
+        overlay: also write ``C/entity_overlay`` (rgb8) next to each ``C/entity_labels``.
 
     Returns:
         The report (see ``esam replay --help``); ``report["error"]`` is set if the bag turned out
@@ -182,7 +194,7 @@ def replay(bag: str | Path, out: str | Path, segmenter: Any, cfg: Config,
                 for m in msgs:
                     if m.msg is not None:
                         writer.write(m.topic, m.msgtype, m.timestamp, m.msg)
-            run = _Run(writer, segmenter, procs, infos)
+            run = _Run(writer, segmenter, procs, infos, overlay)
             bar = tqdm(total=reader.count(selected), desc="replay", unit="frame",
                        disable=not progress)
             try:
@@ -237,62 +249,3 @@ def make_segmenter(cfg: Config, fallback_test_tiny: bool) -> tuple[Any, Config]:
                         "OUTPUT IS MEANINGLESS (settings: %s)\n%s", bar, exc,
                         TEST_TINY_YAML if TEST_TINY_YAML.is_file() else tiny, bar)
     return EntitySegmenter(cfg), cfg
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    out = Path(args.out)
-    if out.exists() and args.overwrite:
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    with BagReader(args.bag):  # a missing or corrupt bag fails before the model loads
-        pass
-    segmenter, cfg = make_segmenter(cfg, args.fallback_test_tiny)
-    report = replay(args.bag, out, segmenter, cfg, args.topics, args.storage,
-                    progress=not args.no_progress, depth_topics=args.depth_topic,
-                    camera_info_topics=args.camera_info_topic)
-    print(format_summary(report))
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps(report, indent=2))
-        print(f"report: {args.report}")
-    print(f"output bag: {out}")
-    if report["error"]:  # the frames before the damage are in the output; still a failure
-        print(f"esam replay: error: {report['error']}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "replay", help="segment every image of a bag offline, write the results to a bag",
-        description=__doc__.splitlines()[0],
-        epilog="Outputs per input topic: C/image or C/image/compressed -> C/entities "
-               "(esam_ros/msg/EntityArray) and C/entity_labels (mono16); other names T -> "
-               "T/entities, T/entity_labels. Input images (and depth, camera_info) are copied to "
-               "the output bag. Entities carry track ids (tracking.enabled); the report's "
-               "id_switch_proxy counts clear successors (mask IoU > 0.5 in the next frame) "
-               "with another track id.")
-    p.add_argument("bag", help="ROS 2 bag (folder, .db3 or .mcap) or ROS 1 .bag")
-    p.add_argument("--config", required=True, help="E-SAM YAML config")
-    p.add_argument("--out", required=True, help="output bag folder (rosbag2 version 9)")
-    p.add_argument("--topics", nargs="+", help="image topics to process (default: all)")
-    p.add_argument("--depth-topic", action="append", metavar="[COLOR=]DEPTH",
-                   help="registered depth (16UC1/mono16/32FC1, raw or png/compressedDepth) for "
-                        "the only colour topic, or a COLOR=DEPTH pair (repeatable); fills entity "
-                        "position, size and depth_coverage (nearest stamp within "
-                        "depth.sync_tolerance_s)")
-    p.add_argument("--camera-info-topic", action="append", metavar="[COLOR=]INFO",
-                   help="sensor_msgs/CameraInfo of the depth (default: camera_info next to the "
-                        "depth topic, then next to the colour topic)")
-    p.add_argument("--report", help="write REPORT.json here")
-    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap",
-                   help="output storage (default mcap)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output bag")
-    p.add_argument("--fallback-test-tiny", action="store_true",
-                   help="if the checkpoint is missing, use test_tiny (meaningless output) "
-                        "with a loud warning instead of failing (make demo)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)

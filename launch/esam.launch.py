@@ -1,9 +1,14 @@
 """Start esam_node: ``ros2 launch esam_ros esam.launch.py image:=/camera/image_raw``.
 
 Arguments (``ros2 launch esam_ros esam.launch.py --show-args``):
-    params_file      parameter file (default: the installed config/esam.yaml)
-    image            input topic remap (the node subscribes to the relative name ``image``)
-    namespace        namespace of the node and its outputs (entities, entity_labels, ...)
+    params_file      parameter file (default: the installed config/esam.yaml; its '/**:' section
+                     applies whatever the node name and namespace)
+    node_name        name of the node (default esam_node); parameters: /<namespace>/<node_name>
+    namespace        namespace of the node and its topics (entities, entity_labels, ...)
+    image            remap of the input 'image' (compressed input: '<image>/compressed')
+    depth, camera_info               remaps of the depth inputs (with depth.enabled)
+    entities, entity_labels, entity_overlay   remaps of the outputs
+                     (the remaps apply to the default camera, cameras: ['']; '' = no remap)
     device           model.device override: auto | cpu | cuda | cuda:N ('' = as in params_file)
     use_sim_time     true while replaying a bag with --clock
     input_transport  raw | compressed ('' = as in params_file); compressed reads <image>/compressed
@@ -13,17 +18,17 @@ Arguments (``ros2 launch esam_ros esam.launch.py --show-args``):
 
 The node command is built by ``node_ros_args`` (no launch import), so tests run exactly the same
 ``esam_node --ros-args ...`` where launch_ros is not installed. The model loads before the node
-reports ready; a missing checkpoint stops it with the path tried and how to fetch the file.
+reports ready (its log line lists the resolved input and output topics); a missing checkpoint
+stops it with the path tried and how to fetch the file.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 
-import yaml
-
-NODE_NAME = "esam_node"  # both executables use it, so params_file sections match either
+NODE_NAME = "esam_node"  # default name of both executables
+#: Topic names of the default camera that the launch file can remap (besides 'image').
+REMAPPABLE = ("depth", "camera_info", "entities", "entity_labels", "entity_overlay")
 
 
 def node_executable(lifecycle: bool) -> str:
@@ -31,35 +36,24 @@ def node_executable(lifecycle: bool) -> str:
     return "esam_lifecycle_node" if lifecycle else "esam_node"
 
 
-def params_file_for(params_file: str, namespace: str) -> str:
-    """The parameter file to pass for ``namespace``.
+def node_ros_args(params_file: str, image: str = "", device: str = "",
+                  use_sim_time: bool = False, input_transport: str = "",
+                  **remaps: str) -> list[str]:
+    """Arguments after ``esam_node --ros-args`` (the node name and namespace excepted).
 
-    A ``esam_node:`` section only matches the node ``/esam_node``; in a namespace the section is
-    copied under ``/**`` (the node is alone in its process) into a temporary file.
+    ``remaps``: ``depth=``, ``camera_info=``, ``entities=``, ... (``REMAPPABLE``; '' = none).
     """
-    if not namespace.strip("/"):
-        return params_file
-    with open(params_file) as f:
-        doc = yaml.safe_load(f)
-    if not isinstance(doc, dict):
-        raise ValueError(f"{params_file}: expected a ROS 2 parameter file")
-    section = next((doc[k] for k in (NODE_NAME, f"/{NODE_NAME}", "/**") if k in doc), None)
-    if not isinstance(section, dict) or "ros__parameters" not in section:
-        raise ValueError(f"{params_file}: no '{NODE_NAME}:' or '/**:' ros__parameters section")
-    fd, path = tempfile.mkstemp(prefix="esam_params_", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump({"/**": section}, f)
-    return path
-
-
-def node_ros_args(params_file: str, image: str = "", namespace: str = "", device: str = "",
-                  use_sim_time: bool = False, input_transport: str = "") -> list[str]:
-    """Arguments after ``esam_node --ros-args`` (the node name and namespace excepted)."""
-    args = ["--params-file", params_file_for(params_file, namespace)]
+    unknown = sorted(set(remaps) - set(REMAPPABLE))
+    if unknown:
+        raise ValueError(f"cannot remap {unknown}; remappable: image, {', '.join(REMAPPABLE)}")
+    args = ["--params-file", params_file]
     if image:
         # Remap rules match whole names: the compressed subscription needs its own rule.
         args += ["-r", f"image:={image}", "-r", f"image/compressed:={image}/compressed"] \
             if input_transport == "compressed" else ["-r", f"image:={image}"]
+    for name in REMAPPABLE:
+        if remaps.get(name):
+            args += ["-r", f"{name}:={remaps[name]}"]
     if device:
         args += ["-p", f"model.device:={device}"]
     if input_transport:
@@ -76,19 +70,19 @@ def _launch_setup(context, *_, **__):
     def arg(name: str) -> str:
         return LaunchConfiguration(name).perform(context)
 
-    namespace = arg("namespace")
     lifecycle = arg("lifecycle").lower() == "true"
-    ros_args = node_ros_args(arg("params_file"), arg("image"), namespace, arg("device"),
-                             arg("use_sim_time").lower() == "true", arg("input_transport"))
+    ros_args = node_ros_args(arg("params_file"), arg("image"), arg("device"),
+                             arg("use_sim_time").lower() == "true", arg("input_transport"),
+                             **{name: arg(name) for name in REMAPPABLE})
     action = Node
     if lifecycle:
         try:  # the action that knows lifecycle events (launch_ros of Humble and newer)
             from launch_ros.actions import LifecycleNode as action
         except ImportError:
             pass
-    return [action(package="esam_ros", executable=node_executable(lifecycle), name=NODE_NAME,
-                 namespace=namespace, arguments=["--ros-args", *ros_args], output="screen",
-                 emulate_tty=True)]
+    return [action(package="esam_ros", executable=node_executable(lifecycle),
+                   name=arg("node_name") or NODE_NAME, namespace=arg("namespace"),
+                   arguments=["--ros-args", *ros_args], output="screen", emulate_tty=True)]
 
 
 def generate_launch_description():
@@ -103,8 +97,13 @@ def generate_launch_description():
                               description="E-SAM parameter file (ROS 2 params YAML)"),
         DeclareLaunchArgument("image", default_value="",
                               description="input image topic (remaps 'image'); '' = no remap"),
+        DeclareLaunchArgument("node_name", default_value=NODE_NAME,
+                              description="node name (parameters: /<namespace>/<node_name>)"),
         DeclareLaunchArgument("namespace", default_value="",
                               description="namespace of the node and its topics"),
+        *(DeclareLaunchArgument(name, default_value="",
+                                description=f"remap of '{name}' ('' = no remap)")
+          for name in REMAPPABLE),
         DeclareLaunchArgument("device", default_value="",
                               description="model.device: auto, cpu, cuda, cuda:N "
                                           "('' = as in params_file)"),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from conftest import CONFIG_DIR
 from pycocotools import mask as mask_utils
 
-from esam_ros.cli import main
+from esam_ros.cli import COMMANDS, main
 
 TINY = str(CONFIG_DIR / "test_tiny.yaml")
 
@@ -73,3 +75,108 @@ def test_console_script_help_and_errors(tmp_path):
                                  "--out", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("esam segment: error: config file")
+
+
+def _write(path, image: np.ndarray):
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+TINY_SETS = ["--set", "mmg.points_per_side=4", "--set", "gallery.points_per_side=8",
+             "--set", "superpixel.max_side=256"]
+
+
+@pytest.mark.slow
+def test_runs_from_any_directory_with_model_and_set(tmp_path):
+    """No --config: the installed config/esam.yaml is found from any working directory."""
+    img = _write(tmp_path / "x.png", np.random.default_rng(1).integers(0, 255, (24, 32, 3),
+                                                                        np.uint8))
+    esam = Path(sys.executable).parent / "esam"
+    proc = subprocess.run([str(esam), "segment", "x.png", "--out", "o", "--model", "test_tiny",
+                           *TINY_SETS], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o" / "x_labels.png").is_file() and img.is_file()
+
+
+def test_set_and_model_override_the_file(tmp_path):
+    from esam_core.cli_options import add_config_options, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_options(parser)
+    args = parser.parse_args(["--model", "vit_b", "--set", "emr.delta=0.25", "--set",
+                              "mmg.points_per_side=16", "--set", "modules.usr=false"])
+    assert args.config == CONFIG_DIR / "esam.yaml"  # the shipped file, found by the package
+    cfg = config_from_args(args, {"mode": "amg"})
+    assert (cfg["model.type"], cfg["model.checkpoint"], cfg["mode"]) == ("vit_b", "", "amg")
+    assert (cfg["emr.delta"], cfg["mmg.points_per_side"], cfg["modules.usr"]) == (0.25, 16, False)
+    args = parser.parse_args(["--set", "model.checkpoint=/w/my.pth", "--model", "vit_l"])
+    assert config_from_args(args)["model.checkpoint"] == "/w/my.pth"
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("emr.delta=2", "out of range"), ("emr.dleta=0.1", "unknown parameter 'emr.dleta'"),
+    ("qos.reliability=reliable", "the CLI takes E-SAM parameters"),
+    ("mmg.points_per_side=4.5", "integer"), ("modules.usr=maybe", "true or false"),
+    ("emr.delta", "KEY=VALUE")])
+def test_set_is_validated_like_the_file(tmp_path, capsys, setting, words):
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", "x.png", "--out", str(tmp_path), "--set", setting])
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_help_and_version_import_no_torch():
+    code = ("import sys\nfrom esam_ros.cli import main\n"
+            "for argv in (['--help'], ['--version']):\n"
+            "    try:\n        main(argv)\n"
+            "    except SystemExit as e:\n        assert e.code == 0\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'cv2', 'esam_core') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout
+    for name in COMMANDS:
+        assert name in proc.stdout
+    assert "esam 0.1.0" in proc.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_has_help_and_shows_its_default(command):
+    from esam_ros.cli import build_parser
+
+    parser = build_parser([command])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.choices[command]
+    formatter = p._get_formatter()
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{command} {action.dest}: no help"
+        text = formatter._get_help_string(action) % vars(action) if action.help else ""
+        switch = isinstance(action, argparse._StoreTrueAction)
+        assert switch or action.required or not action.option_strings or "default" in text, \
+            f"esam {command} {action.option_strings}: help shows no default: {text!r}"
+
+
+@pytest.mark.parametrize("exe", ["esam_node", "esam_lifecycle_node"])
+def test_node_help_prints_usage_without_starting(exe):
+    proc = subprocess.run([str(Path(sys.executable).parent / exe), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith(f"usage: {exe}") and "--params-file" in out
+    assert "input_timeout_s = 5.0" in out and "emr.delta = 0.05 [dynamic]" in out
+    assert "ready" not in out + proc.stderr and "[INFO]" not in out + proc.stderr
+
+
+def test_segment_refuses_a_16_bit_depth_png_and_converts_16_bit_colour(tmp_path, capsys):
+    depth = _write(tmp_path / "depth.png", np.full((24, 32), 1234, np.uint16))
+    colour = _write(tmp_path / "deep_colour.png",
+                    np.random.default_rng(2).integers(0, 65535, (24, 32, 3), np.uint16))
+    code = main(["segment", str(depth), str(colour), "--out", str(tmp_path / "o"),
+                 "--config", TINY])
+    captured = capsys.readouterr()
+    assert code == 1  # the depth image failed, the colour one did not
+    assert "depth.png: single-channel uint16 image (depth" in captured.out + captured.err
+    assert not (tmp_path / "o" / "depth_labels.png").exists()
+    assert (tmp_path / "o" / "deep_colour_labels.png").is_file()

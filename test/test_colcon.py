@@ -44,7 +44,8 @@ def install_space(tmp_path_factory) -> Path:
 def test_install_layout(install_space: Path):
     share = install_space / "share" / "esam_ros"
     for path in ("package.xml", "msg/Entity.msg", "msg/EntityArray.msg",
-                 "launch/esam.launch.py", "config/esam.yaml"):
+                 "launch/esam.launch.py", "config/esam.yaml", "config/test_tiny.yaml",
+                 "config/foxglove_layout.json", "config/esam.rviz"):
         assert (share / path).is_file(), path
     for exe in ("esam_node", "esam_lifecycle_node", "esam"):
         assert os.access(install_space / "lib" / "esam_ros" / exe, os.X_OK), exe
@@ -59,13 +60,16 @@ def test_messages_and_node_import_from_install_space(install_space: Path):
         "site-packages"
     code = ("import esam_ros, esam_ros.msg, esam_core.config, esam_ros.cli;"
             "from esam_ros.msg import Entity, EntityArray;"
+            "from esam_core.param_files import installed_config;"
             "m = EntityArray(entities=[Entity(id=7)]);"
-            "print(esam_ros.msg.__file__, m.entities[0].id)")
-    env = dict(os.environ, PYTHONPATH=str(site),
+            "print(esam_ros.msg.__file__, m.entities[0].id, installed_config())")
+    env = dict(os.environ, PYTHONPATH=str(site), AMENT_PREFIX_PATH=str(install_space),
                LD_LIBRARY_PATH=f"{install_space / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
     # Run from the install space so the repository's own esam_ros is not on sys.path.
     proc = subprocess.run([sys.executable, "-c", code], cwd=install_space, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    path, value = proc.stdout.split()
+    path, value, config = proc.stdout.split()
     assert path.startswith(str(site)) and value == "7"
+    # The CLI's default config is the installed share/esam_ros/config/esam.yaml (any cwd).
+    assert config == str(install_space / "share" / "esam_ros" / "config" / "esam.yaml")

@@ -123,7 +123,8 @@ def test_ros_accepts_the_file(ros_context: Any, path: Path) -> None:
     assert {k: values[k] for k in flat} == flat
 
 
-def test_files_are_plain_yaml_with_one_node_section() -> None:
+def test_files_are_plain_yaml_with_one_wildcard_section() -> None:
+    """Shipped files are keyed '/**' (ROS 2 convention): they apply under any name/namespace."""
     for path in (ESAM, TINY):
         doc = yaml.safe_load(path.read_text())
-        assert list(doc) == ["esam_node"] and list(doc["esam_node"]) == ["ros__parameters"]
+        assert list(doc) == ["/**"] and list(doc["/**"]) == ["ros__parameters"]

@@ -33,7 +33,7 @@ def encode(rgb: np.ndarray, encoding: str, pad: int = 0, kind: str = "bytes") ->
         "rgb8": rgb, "bgr8": rgb[:, :, ::-1],
         "rgba8": np.dstack([rgb, np.full(rgb.shape[:2], 9, np.uint8)]),
         "bgra8": np.dstack([rgb[:, :, ::-1], np.full(rgb.shape[:2], 9, np.uint8)]),
-        "mono8": rgb[:, :, 0],
+        "mono8": rgb[:, :, 0], "8UC3": rgb[:, :, ::-1], "8UC1": rgb[:, :, 0],
     }[encoding]
     h, w = rgb.shape[:2]
     rows = pixels.reshape(h, -1)
@@ -49,9 +49,17 @@ def encode(rgb: np.ndarray, encoding: str, pad: int = 0, kind: str = "bytes") ->
 @pytest.mark.parametrize("pad", [0, 3])
 def test_every_encoding_decodes_to_rgb(encoding: str, pad: int) -> None:
     out = image_to_rgb(encode(RGB, encoding, pad))
-    expected = np.repeat(RGB[:, :, :1], 3, axis=2) if encoding == "mono8" else RGB
+    expected = np.repeat(RGB[:, :, :1], 3, axis=2) if encoding in ("mono8", "8UC1") else RGB
     assert out.dtype == np.uint8 and out.flags.c_contiguous
     np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("encoding, like", [("8UC3", "bgr8"), ("8UC1", "mono8")])
+def test_opencv_type_names_read_as_bgr8_and_mono8(encoding: str, like: str) -> None:
+    """Drivers that publish cv::Mat types: 8UC3 is OpenCV's BGR order, 8UC1 one grey channel."""
+    msg = encode(RGB, like, pad=1)
+    msg.encoding = encoding
+    np.testing.assert_array_equal(image_to_rgb(msg), image_to_rgb(encode(RGB, like, pad=1)))
 
 
 @pytest.mark.parametrize("kind", ["bytes", "list", "array", "numpy"])
@@ -180,6 +188,28 @@ def test_overlay_colours_entities_and_draws_boundaries() -> None:
     np.testing.assert_array_equal(overlay_image(rgb, labels), out)  # deterministic colours
     with pytest.raises(ValueError, match="differ in size"):
         overlay_image(rgb, labels[:10])
+
+
+def test_overlay_writes_ids_and_boxes() -> None:
+    """Ids at the centroids of entities large enough for the text; boxes in the entity colour."""
+    from esam_core.labels import entities_from_label_map
+
+    rgb = np.full((120, 160, 3), 60, np.uint8)
+    labels = np.zeros((120, 160), np.uint16)
+    labels[10:70, 10:90] = 1
+    labels[80:84, 100:104] = 2  # too small for its id
+    entities = entities_from_label_map(labels, [0.9, 0.8])
+    plain = overlay_image(rgb, labels)
+    ids = overlay_image(rgb, labels, entities=entities)
+    changed = np.argwhere((ids != plain).any(axis=2))
+    assert changed.size, "no id drawn"
+    cy, cx = entities[0].centroid[1], entities[0].centroid[0]
+    assert np.abs(changed - [cy, cx]).max() < 20  # the text sits on the centroid
+    assert ((ids >= 200).all(axis=2) & (plain < 200).any(axis=2)).any()  # white text
+    np.testing.assert_array_equal(ids[78:86, 98:106], plain[78:86, 98:106])  # 2: no label
+    boxed = overlay_image(rgb, labels, entities=entities, boxes=True)
+    np.testing.assert_array_equal(boxed[40, 10], [int(c) for c in boxed[10, 50]])  # one colour
+    assert not np.array_equal(boxed[40, 10], ids[40, 10])
 
 
 def test_fit_max_pixels() -> None:

@@ -279,3 +279,57 @@ def test_eval_cli_errors(tmp_path, capsys):
     code = main(["eval", "--images", str(tmp_path), "--annotations", str(tmp_path / "no.json"),
                  "--config", str(tmp_path / "tiny.yaml")])
     assert code != 0 and "annotation file not found" in capsys.readouterr().err
+
+
+def test_predictions_file_ground_truth_fed_back_scores_100(voc, tmp_path, capsys):
+    """`esam eval --predictions`: the labelme GT (ids from 0, polygons) as its own predictions
+    scores AP = AP50 = AP75 = 100 after renumbering and overlap removal, without a model."""
+    from esam_ros.cli import main
+
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(voc))
+    preds = [{"image_id": a["image_id"], "segmentation": a["segmentation"], "score": 1.0}
+             for a in voc["annotations"]]
+    (tmp_path / "preds.json").write_text(json.dumps(preds))
+    code = main(["eval", "--annotations", str(ann), "--predictions", str(tmp_path / "preds.json"),
+                 "--out", str(tmp_path / "r.json")])
+    assert code == 0
+    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert (row["mode"], row["AP"], row["AP50"], row["AP75"]) == ("file", 100.0, 100.0, 100.0)
+    assert "12 scored on 3 images, 0 skipped" in capsys.readouterr().out
+
+
+def test_predictions_file_ids_rle_overlaps_and_bad_entries(tmp_path):
+    """Image ids are the file's (here from 0); RLE and polygons; overlaps go to the higher score;
+    unknown images and broken segmentations are skipped and listed."""
+    from esam_ros.cmd_eval import load_predictions
+
+    square = np.zeros((20, 30), bool)
+    square[2:12, 3:13] = True
+    other = np.zeros((20, 30), bool)
+    other[8:18, 15:28] = True
+    rle = encode(square, 0, 1.0)["segmentation"]
+    dataset = {"images": [{"id": 0, "file_name": "a.png", "height": 20, "width": 30},
+                          {"id": 5, "file_name": "b.png", "height": 20, "width": 30}],
+               "annotations": [{"id": 0, "image_id": 0, "category_id": 3, "segmentation": rle},
+                               {"id": 1, "image_id": 5, "category_id": 7,
+                                "segmentation": [[15, 8, 28, 8, 28, 18, 15, 18]]}]}
+    gt = ev.prepare_ground_truth(dataset)
+    wide = np.zeros((20, 30), bool)
+    wide[2:12, 3:20] = True  # covers the square: the better-scored square keeps its pixels
+    preds = [{"image_id": 0, "segmentation": rle, "score": 0.9},
+             {"image_id": 0, "segmentation": encode(wide, 0, 0.0)["segmentation"], "score": 0.5},
+             {"image_id": 5, "segmentation": [[15, 8, 28, 8, 28, 18, 15, 18]], "score": 0.8},
+             {"image_id": 9, "segmentation": rle, "score": 0.7},
+             {"image_id": 5, "segmentation": {"size": [20, 30], "counts": 12}, "score": 0.1}]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(preds))
+    scored, skipped = load_predictions(path, gt)
+    assert [p["image_id"] for p in scored] == [1, 1, 2]  # renumbered like the GT
+    first = mask_utils.decode(scored[0]["segmentation"]).astype(bool)
+    second = mask_utils.decode(scored[1]["segmentation"]).astype(bool)
+    assert np.array_equal(first, square) and np.array_equal(second, wide & ~square)
+    assert len(skipped) == 2 and "unknown image_id 9" in skipped[0] and "unusable" in skipped[1]
+    assert ev.coco_ap(gt.coco, scored)["AP"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="not found"):
+        load_predictions(tmp_path / "none.json", gt)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import signal
 import subprocess
 import sys
@@ -16,8 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import yaml
-from conftest import CONFIG_DIR, REPO, requires_ros
+from conftest import REPO, requires_ros
 
 LAUNCH_FILE = REPO / "launch" / "esam.launch.py"
 TINY = "config/test_tiny.yaml"  # relative, as in the documented command (cwd = repo root)
@@ -42,7 +40,8 @@ def test_launch_description_arguments() -> None:
         pytest.skip(f"esam_ros share directory not found: {exc}")
     args = {a.name: a for a in description.entities if isinstance(a, DeclareLaunchArgument)}
     assert set(args) == {"params_file", "image", "namespace", "device", "use_sim_time",
-                         "input_transport", "lifecycle"}
+                         "input_transport", "lifecycle", "node_name", "depth", "camera_info",
+                         "entities", "entity_labels", "entity_overlay"}
     assert args["input_transport"].choices == ["", "raw", "compressed"]
 
 
@@ -58,14 +57,14 @@ def test_node_command_matches_the_documented_one() -> None:
         assert any(args[i:i + 2] == pair for i in range(len(args))), pair
 
 
-def test_namespaced_params_file_keeps_every_value() -> None:
-    path = launch_module().params_file_for(str(CONFIG_DIR / "esam.yaml"), "robot/cam")
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-        original = yaml.safe_load((CONFIG_DIR / "esam.yaml").read_text())
-        assert doc == {"/**": original["esam_node"]}
-    finally:
-        os.unlink(path)
+def test_remaps_of_depth_camera_info_and_outputs() -> None:
+    args = launch_module().node_ros_args(TINY, depth="/cam/aligned_depth", camera_info="/cam/info",
+                                         entities="/seg/entities", entity_overlay="/seg/overlay")
+    assert args == ["--params-file", TINY, "-r", "depth:=/cam/aligned_depth",
+                    "-r", "camera_info:=/cam/info", "-r", "entities:=/seg/entities",
+                    "-r", "entity_overlay:=/seg/overlay"]
+    with pytest.raises(ValueError, match="cannot remap"):
+        launch_module().node_ros_args(TINY, labels="/x")
 
 
 class Node:
@@ -89,7 +88,7 @@ class Node:
 
 
 def _exchange(context: Any, node: Node, in_topic: str, out_topic: str,
-              compressed: bool) -> Any:
+              compressed: bool, ready: str = "") -> Any:
     """Publish a frame on ``in_topic`` until an EntityArray with its header comes back."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
@@ -125,7 +124,7 @@ def _exchange(context: Any, node: Node, in_topic: str, out_topic: str,
     code, out = node.stop()
     assert got, f"no {out_topic} from esam_node (exit {code}):\n{out}"
     assert code == 0 and "Traceback" not in out, out
-    assert "ready: model test_tiny" in out
+    assert "ready: model test_tiny" in out and ready in out, out
     return got[0]
 
 
@@ -141,11 +140,19 @@ def test_documented_command_runs(ros_context: Any) -> None:
 @requires_ros
 def test_namespaced_compressed_command_runs(ros_context: Any) -> None:
     """As launched with namespace:=ns1 input_transport:=compressed (the -p beats the file)."""
-    args = launch_module().node_ros_args(TINY, image="/cam2/image_raw", namespace="ns1",
+    args = launch_module().node_ros_args(TINY, image="/cam2/image_raw",
                                          input_transport="compressed")
-    try:
-        entities = _exchange(ros_context, Node(["-r", "__ns:=/ns1", *args]),
-                             "/cam2/image_raw/compressed", "/ns1/entities", True)
-    finally:
-        os.unlink(args[1])
+    entities = _exchange(ros_context, Node(["-r", "__ns:=/ns1", *args]),
+                         "/cam2/image_raw/compressed", "/ns1/entities", True)
     assert entities.header.frame_id == "launch_test"
+
+
+@requires_ros
+def test_shipped_file_under_another_namespace_and_name(ros_context: Any) -> None:
+    """``-r __ns:=/front -r __node:=cam_seg`` keeps config/test_tiny.yaml (its '/**' section);
+    the ready line names the resolved topics; launch's entities:= remap moves the output."""
+    args = ["-r", "__ns:=/front", "-r", "__node:=cam_seg",
+            *launch_module().node_ros_args(TINY, entity_labels="/seg/labels")]
+    node = Node(args)
+    _exchange(ros_context, node, "/front/image", "/front/entities", False, ready=(
+        "in /front/image -> out /front/entities, /seg/labels, /front/entity_overlay"))

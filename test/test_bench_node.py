@@ -1,0 +1,29 @@
+"""`make bench`'s DDS part (python -m esam_ros.bench_node) runs isolated and exits cleanly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO, requires_ros
+
+
+@requires_ros
+def test_bench_node_is_isolated_and_exits_cleanly() -> None:
+    """A short run (2 frames): its own domain whatever ROS_DOMAIN_ID says, localhost discovery,
+    a private namespace, exit 0 and no C++ abort at exit."""
+    env = {**os.environ, "ROS_DOMAIN_ID": "7"}
+    env.pop("ROS_AUTOMATIC_DISCOVERY_RANGE", None)  # as on a robot: the caller's settings
+    proc = subprocess.run([sys.executable, "-m", "esam_ros.bench_node", "--frames", "2",
+                           "--repeat", "1", "--width", "160", "--height", "120",
+                           "--entities", "8"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "terminate called" not in out and "Traceback" not in out, out
+    line = next(x for x in out.splitlines() if x.startswith("DDS: isolated domain"))
+    domain = int(line.split()[3].rstrip(","))
+    assert domain != 7 and 200 <= domain < 233, line
+    assert "localhost-only discovery" in line and "/esam_bench_" in line
+    assert "end to end over DDS, 2 frames" in out
