@@ -11,6 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
+from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -61,11 +62,18 @@ def _iou(inter: int, area_a: int, area_b: int) -> float:
     return inter / union if union else 0.0
 
 
-def _drop_fragments(mask: np.ndarray, min_cells: float) -> np.ndarray:
-    """(h, w) bool without its 8-connected components smaller than ``min_cells``."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    big = np.nonzero(stats[1:, cv2.CC_STAT_AREA] >= min_cells)[0] + 1
-    return np.isin(labels, big)
+def _drop_fragments(mask: np.ndarray, min_cells: float, sliver_width: float) -> np.ndarray:
+    """(h, w) bool without its 8-connected components smaller than ``min_cells`` or no thicker
+    than a sliver (no cell farther than ``sliver_width`` cells from the component's edge)."""
+    u8 = mask.astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(u8, connectivity=8)
+    if n <= 1:
+        return mask
+    keep = stats[1:, cv2.CC_STAT_AREA] >= min_cells
+    if sliver_width > 0:
+        depth = cv2.distanceTransform(np.pad(u8, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+        keep &= ndimage.maximum(depth, labels, np.arange(1, n)) > sliver_width
+    return np.isin(labels, np.nonzero(keep)[0] + 1)
 
 
 def _boxes(masks: np.ndarray) -> np.ndarray:
@@ -83,8 +91,10 @@ def split_overlaps(objects: MaskSet, gallery: Gallery, cfg: Config,
 
     Pairs (p, q), p ranked above q (``emr.pair_order``), are visited on the current, already
     carved masks. OR = p ∩ q; r = |OR| / max(|p|, |q|). If r < δ (``emr.delta``) the larger mask
-    loses OR (q on equal areas). Otherwise the gallery's guidance mask G of OR (Eq.6) divides it
-    (``emr.overlap_assign``): ``whole_to_best_iou`` gives OR to the mask with the larger IoU with
+    loses OR (q on equal areas); so it does, with ``emr.nested: keep_smaller``, when OR holds at
+    least ``emr.nested_frac`` of the smaller mask (one mask nested in the other). Otherwise the
+    gallery's guidance mask G of OR (Eq.6) divides it (``emr.overlap_assign``):
+    ``whole_to_best_iou`` gives OR to the mask with the larger IoU with
     G (p on ties); ``split_by_guidance`` gives OR ∩ G to that mask and OR \\ G to the other. With no
     prompt inside OR, ``emr.no_prompt_fallback`` carves from the larger mask (``carve_larger``) or
     uses the guidance of the nearest prompt (``nearest_prompt``).
@@ -95,7 +105,9 @@ def split_overlaps(objects: MaskSet, gallery: Gallery, cfg: Config,
     Args:
         objects: M object masks (the masks are ``logits > 0``) with scores.
         image_area_cells: reference area for ``emr.min_fragment_frac`` (default h · w): carved
-            masks lose 8-connected fragments smaller than that fraction of it.
+            masks lose 8-connected fragments smaller than that fraction of it, and fragments no
+            thicker than ``emr.sliver_width`` cells (the rim a near-duplicate leaves when it loses
+            the overlap to its twin).
 
     Returns:
         Entities in input order, empty ones dropped; ``own`` = the carved masks, ``logits``,
@@ -106,6 +118,11 @@ def split_overlaps(objects: MaskSet, gallery: Gallery, cfg: Config,
     if m < 2:
         return _entities(masks, objects, masks.flatten(1).any(1))
     delta, assign = float(cfg["emr.delta"]), cfg["emr.overlap_assign"]
+    # keep_smaller: a mask (nearly) inside another keeps its cells, so the split leaves two
+    # adjacent masks and the merge step (Eq.7-8) decides whether they are one entity; the
+    # guidance would otherwise delete it whenever SAM's object level also covers a neighbour.
+    nested = (float(cfg["emr.nested_frac"]) if cfg["emr.nested"] == "keep_smaller"
+              else float("inf"))
     order = _rank(masks, objects.iou, cfg["emr.pair_order"])
     inter = pairwise_intersection(masks, masks)[order][:, order]
     pairs = np.argwhere(torch.triu(inter > 0, diagonal=1).cpu().numpy())  # rank order, row-major
@@ -134,7 +151,7 @@ def split_overlaps(objects: MaskSet, gallery: Gallery, cfg: Config,
             continue
         ap, aq = int(area[p]), int(area[q])
         larger = p if ap > aq else q
-        if n / max(ap, aq) < delta:  # Eq.5 minor overlap
+        if n / max(ap, aq) < delta or n >= nested * min(ap, aq):  # Eq.5 minor overlap, nested
             remove(larger, win, overlap, n)
             continue
         region = np.zeros(cur.shape[1:], dtype=bool)
@@ -156,11 +173,11 @@ def split_overlaps(objects: MaskSet, gallery: Gallery, cfg: Config,
         else:  # split_by_guidance
             remove(other, win, overlap & g_win, og)
             remove(better, win, overlap & ~g_win, n - og)
-    frac = float(cfg["emr.min_fragment_frac"])
-    if frac > 0:
+    frac, sliver = float(cfg["emr.min_fragment_frac"]), float(cfg["emr.sliver_width"])
+    if frac > 0 or sliver > 0:
         full = image_area_cells if image_area_cells is not None else cur.shape[1] * cur.shape[2]
         for i in np.nonzero(carved)[0]:
-            cur[i] = _drop_fragments(cur[i], frac * full)
+            cur[i] = _drop_fragments(cur[i], frac * full, sliver)
     keep = np.nonzero(cur.reshape(m, -1).any(1))[0]
     idx = torch.as_tensor(keep, device=masks.device)
     return Entities(own=torch.from_numpy(cur[keep]).to(masks.device),
@@ -240,7 +257,10 @@ def merge_entities(ents: Entities, gallery: Gallery,
     if cfg["emr.require_adjacent"]:
         cand &= adjacency(ents.own)
     pairs = np.argwhere(torch.triu(cand, diagonal=1).cpu().numpy())
-    covers = gallery.covering_masks(ents.own, pairs)  # Eq.8, all pairs with O(1) syncs
+    if cfg["emr.gallery_match"] == "mutual":
+        covers = mutual_covers(ents.own, pairs, gallery, cfg)
+    else:
+        covers = gallery.covering_masks(ents.own, pairs)  # Eq.8, all pairs with O(1) syncs
     merged = [(int(i), int(j)) for (i, j), g in zip(pairs, covers) if g is not None]
     if not merged:
         return ents
@@ -269,6 +289,41 @@ def merge_entities(ents: Entities, gallery: Gallery,
         _add_gallery_cells(out, best_scores, [label[i] for i, _ in merged],
                            [g for g in covers if g is not None],
                            {int(label[g[0]]): k for k, g in enumerate(groups)})
+    return out
+
+
+def mutual_covers(own: torch.Tensor, pairs: np.ndarray, gallery: Gallery, cfg: Config
+                  ) -> list[torch.Tensor | None]:
+    """Eq.8 read as "M_a^64 and M_b^64 match": each piece's own gallery mask (Eq.6 over the
+    gallery prompts inside it, the nearest prompt's if none) covers ≥ ``emr.gallery_cover`` of
+    both pieces. A gallery mask that one piece's prompts alone produce (SAM merging an entity with
+    its neighbour) does not join the pieces. Returns M_a^64 ∪ M_b^64 per matching pair, else None.
+
+    Args:
+        own: (N, h, w) bool pieces; pairs: (K, 2) int indices into them.
+    """
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    out: list[torch.Tensor | None] = [None] * len(pairs)
+    used = np.unique(pairs)
+    if used.size == 0:
+        return out
+    guides = []
+    tau = None if cfg["emr.mutual_level"] == "guidance" else 1.0  # 1.0: always the O mask
+    for i in used:
+        idx = gallery.prompts_in(own[int(i)])
+        if idx.size == 0:  # a piece between the prompts: its nearest prompt speaks for it
+            idx = np.array([gallery.nearest_prompt(own[int(i)])])
+        guides.append(gallery.guidance_for_prompts(idx, tau=tau)[0])
+    g = torch.stack(guides)  # (U, h, w)
+    pieces = own[torch.as_tensor(used, device=own.device)]
+    share = (pairwise_intersection(g, pieces)
+             / mask_areas(pieces).float().clamp(min=1.0)[None]).cpu().numpy()  # (U, U)
+    slot = {int(i): k for k, i in enumerate(used)}
+    cover = float(cfg["emr.gallery_cover"])
+    for n, (i, j) in enumerate(pairs):
+        a, b = slot[int(i)], slot[int(j)]
+        if min(share[a, a], share[a, b], share[b, a], share[b, b]) >= cover:
+            out[n] = g[a] | g[b]
     return out
 
 

@@ -147,11 +147,12 @@ class Gallery:
         dist = cv2.distanceTransform((~reg).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         return int(np.argmin(dist[self.cells[0], self.cells[1]]))
 
-    def guidance_for_prompts(self, idx: np.ndarray) -> tuple[torch.Tensor, float] | None:
+    def guidance_for_prompts(self, idx: np.ndarray, tau: float | None = None
+                             ) -> tuple[torch.Tensor, float] | None:
         """Eq.6 over the prompts ``idx``: the most frequent guidance mask (h, w) bool and its score.
 
-        Per prompt, G_p = its O mask if S_B − S_O < τ (``emr.tau``), else its B mask. With
-        ``gallery.nms`` the G_p are grouped greedily by descending score at IoU ≥ θ_O
+        Per prompt, G_p = its O mask if S_B − S_O < τ (``emr.tau``, or ``tau`` if given), else its
+        B mask. With ``gallery.nms`` the G_p are grouped greedily by descending score at IoU ≥ θ_O
         (``mmg.theta_o``); without it only identical masks group. The group with the most prompts
         wins (ties: the higher score) and its highest-score mask is returned. None if idx is empty.
         """
@@ -160,7 +161,8 @@ class Gallery:
             return None
         self._ensure(idx)
         scores = self._scores[idx]  # float32 arithmetic, as the device did it
-        level = ((scores[:, BEST] - scores[:, OBJECT]) >= self.cfg["emr.tau"]).astype(np.int64)
+        tau = self.cfg["emr.tau"] if tau is None else tau
+        level = ((scores[:, BEST] - scores[:, OBJECT]) >= tau).astype(np.int64)
         gscores = scores[np.arange(idx.size), level]
         best = 0  # a single prompt is its own group
         if idx.size > 1:

@@ -126,7 +126,8 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
         backend: the prompt backend, already holding this image.
     Returns:
         The refined entities (empty ones dropped) and counts: ``regions``, ``prompts``,
-        ``merged``, ``added``, ``skipped_covered``, ``skipped_nothing_new``.
+        ``merged``, ``added``, ``skipped_covered``, ``skipped_nothing_new``,
+        ``skipped_low_confidence`` (M_A under AMG's filters with ``usr.prefilter: amg``).
 
     Raises:
         ValueError: shapes disagree with the working grid, or the entities overlap.
@@ -153,7 +154,7 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
     remaining = remaining[np.argsort(-(size - cov)[remaining], kind="stable")]
     n_regions = int(remaining.size)
     counts = {"regions": n_regions, "prompts": 0, "merged": 0, "added": 0,
-              "skipped_covered": 0, "skipped_nothing_new": 0}
+              "skipped_covered": 0, "skipped_nothing_new": 0, "skipped_low_confidence": 0}
     if n_regions == 0:
         return _drop_empty(entities), counts
 
@@ -173,6 +174,11 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
     sp_cells = [by_superpixel[k] for k in remaining]
     uncovered_only = bool(cfg["usr.write_uncovered_only"])
     rho = float(cfg["usr.rho"])
+    # usr.prefilter: M_A must be confident, by AMG's predicted-IoU filter ("iou") or by both of
+    # AMG's filters ("amg", as MMG's prefilter applies them).
+    check = cfg["usr.prefilter"]
+    min_iou = float(cfg["sam.pred_iou_thresh"]) if check != "none" else -np.inf
+    min_stab = float(cfg["sam.stability_score_thresh"]) if check == "amg" else -np.inf
     areas = np.bincount(flat_owner[flat_owner >= 0], minlength=len(logits))
     fused: list[tuple[int, np.ndarray, torch.Tensor]] = []  # logits updates, applied at the end
 
@@ -184,6 +190,9 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
             counts["skipped_covered"] += 1  # filled by earlier additions
             continue
         a, a_logits, a_iou, a_stab = extra.get(r, still_open)
+        if not (a_iou > min_iou and a_stab >= min_stab):
+            counts["skipped_low_confidence"] += 1  # USR adds high-confidence masks only
+            continue
         write = a & (owner < 0) if uncovered_only else a
         if not write.any():
             counts["skipped_nothing_new"] += 1

@@ -92,7 +92,7 @@ def test_region_in_a_part_mask_is_prompted_at_its_interior_point_and_joins_the_e
                                                   prompt_of(q_cell, backend)])
     # The prompt hits v: M_A = W; IoU(W, v) = 400 / 900 > rho -> u joins v's entity.
     assert counts == {"regions": 2, "prompts": 2, "merged": 1, "added": 1,
-                      "skipped_covered": 0, "skipped_nothing_new": 0}
+                      "skipped_covered": 0, "skipped_nothing_new": 0, "skipped_low_confidence": 0}
     assert len(out) == 4
     assert torch.equal(out.own[1], node(scene, 50))
     assert torch.equal(out.own[2], node(scene, 3))  # untouched: only uncovered cells are written
@@ -160,7 +160,7 @@ def test_greedy_skips_a_region_filled_by_an_earlier_mask() -> None:
     out, counts = refine_under_segmentation(ents, sp, no_holders((48, 64)), backend, Config())
     assert len(backend.calls[0]) == 2  # both prompts decoded up front
     assert counts == {"regions": 2, "prompts": 2, "merged": 0, "added": 1,
-                      "skipped_covered": 1, "skipped_nothing_new": 0}
+                      "skipped_covered": 1, "skipped_nothing_new": 0, "skipped_low_confidence": 0}
     assert len(out) == 2 and torch.equal(out.own[1], node(scene, 70))
     assert_disjoint(out)
 
