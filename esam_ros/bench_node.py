@@ -54,7 +54,7 @@ class Precomputed:
     def __init__(self, result: EntitySegmentation) -> None:
         self.result = result
 
-    def segment(self, rgb: np.ndarray) -> EntitySegmentation:
+    def segment(self, rgb: np.ndarray, cancel: Any = None) -> EntitySegmentation:
         return self.result
 
     def set_config(self, cfg: Any) -> None:

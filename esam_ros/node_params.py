@@ -40,6 +40,10 @@ NODE_PARAMETERS: dict[str, Param] = {
                                 max=3600.0, dynamic=False),
     "log_throttle_s": Param(5.0, "bad-frame warnings of one reason at most this often (s)",
                             min=0.0, max=3600.0),
+    "shutdown_timeout_s": Param(3.0, "on Ctrl-C, SIGTERM or deactivate the frame in flight is "
+                                "cancelled at its next stage boundary; a process exits after "
+                                "waiting at most this long (s) for it (a second signal: at once)",
+                                min=0.0, max=600.0),
     "depth.max_wait_s": Param(0.1, "while the newest depth frame is older than the colour "
                               "frame, wait this long (s) for a nearer one", min=0.0, max=10.0),
 }

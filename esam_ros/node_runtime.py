@@ -18,6 +18,7 @@ import functools
 import gc
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from esam_core.weights import CheckpointError
 from esam_ros.msg import EntityArray
 from esam_ros.node_depth import CameraSpatial, qos_events, topic
 from esam_ros.node_params import changes_from, declare_all, undeclared_overrides
+from esam_ros.node_shutdown import bounded_stop
 from esam_ros.node_stats import NodeStats
 from esam_ros.node_worker import CameraState, FrameWorker
 
@@ -117,11 +119,13 @@ class EsamRuntime(FrameWorker):
 
     def _start_io(self) -> None:
         """Subscriptions, publishers, the /diagnostics timer, then the worker thread."""
+        self._stop_worker()  # exactly one worker: a previous one must be gone first
         for cam in self.cameras.values():
             cam.slot = None  # nothing left over from before a deactivate
         self._create_io()
-        self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="esam_worker", daemon=True)
+        stop = self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, args=(stop,), name="esam_worker",
+                                        daemon=True)
         self._worker.start()
 
     def _create_io(self) -> None:
@@ -149,16 +153,35 @@ class EsamRuntime(FrameWorker):
         timer = self.create_timer(self.params["diagnostics_period"], self._publish_diagnostics)
         self._io += [(self.destroy_publisher, self._diag_pub), (self.destroy_timer, timer)]
 
-    def _stop_worker(self) -> None:
-        """Stop the worker, letting a frame in flight finish."""
+    def _stop_worker(self, timeout: float | None = None) -> bool:
+        """Stop the worker: its frame in flight is cancelled at the next stage boundary.
+
+        Logs what it waits for. ``timeout``: give up after this long (process shutdown); None
+        waits until the worker is gone (transitions: never two workers, nor one using a
+        released model), saying so every ``shutdown_timeout_s``. Returns whether it is gone.
+        """
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join(timeout=30.0)
+        worker = self._worker
+        if worker is None or worker is threading.current_thread() or not worker.is_alive():
+            return True
+        step = max(self.params.get("shutdown_timeout_s", 3.0), 0.1)
+        t0 = time.perf_counter()
+        while worker.is_alive():
+            busy = self._busy_text()
+            if busy:
+                limit = "" if timeout is None else f" (at most {timeout:.1f} s)"
+                self.get_logger().info(f"stopping: waiting for {busy} to stop at its next "
+                                       f"stage boundary{limit}")
+            left = step if timeout is None else timeout - (time.perf_counter() - t0)
+            if left <= 0:
+                return False
+            _join(worker, min(step, left))
+        return True
 
     def _stop_io(self) -> None:
-        """Stop the worker, then destroy everything ``_start_io`` created (track ids included)."""
+        """Stop the worker (cancelling its frame), then destroy what ``_start_io`` created."""
         self._stop_worker()
         self._worker = None
         for destroy, entity in reversed(self._io):
@@ -188,6 +211,13 @@ class EsamRuntime(FrameWorker):
     def _publish_diagnostics(self) -> None:
         self._diag_pub.publish(self.stats.diagnostics(
             self.get_fully_qualified_name(), self.device, self.get_clock().now().to_msg()))
+
+
+def _join(thread: threading.Thread, timeout: float) -> None:
+    """``thread.join(timeout)`` in short steps (signal handlers run between them)."""
+    deadline = time.perf_counter() + timeout
+    while thread.is_alive() and (left := deadline - time.perf_counter()) > 0:
+        thread.join(min(left, 0.1))
 
 
 def run(make_node: Callable[[], Any], name: str, args: list[str] | None) -> int:
@@ -220,6 +250,7 @@ def run(make_node: Callable[[], Any], name: str, args: list[str] | None) -> int:
         code = 1
     finally:
         if node is not None:
+            bounded_stop(node, logger)  # exits at once if the frame in flight does not stop
             node.destroy_node()
         rclpy.try_shutdown()
     return code

@@ -4,7 +4,8 @@ input per camera, the worker thread, decoding, E-SAM, annotation and publishing.
 Threading: subscription callbacks only store the newest message of their camera (one slot; a
 replaced, unprocessed message counts as dropped). One worker thread runs E-SAM on the newest frame
 of the camera served longest ago, so the executor stays free for parameters and services and no
-camera starves.
+camera starves. Stopping (shutdown, deactivate) sets the worker's own stop event, which also
+cancels the frame in flight at its next stage boundary (``EntitySegmenter.segment(cancel=)``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from sensor_msgs.msg import CompressedImage
 
 from esam_core.config import Config
+from esam_core.pipeline import Cancelled
 from esam_ros import conversions
 from esam_ros.conversions import ImageError
 from esam_ros.node_depth import CameraSpatial, entity_array, image_msg
@@ -49,6 +51,8 @@ class FrameWorker:
     _cfg_dirty: bool
     _last_log: dict[tuple[str, str], float]
     _downscale_logged: set[str]
+    #: (camera, frame_id, perf_counter at start) of the frame in flight, None when idle.
+    _busy: tuple[str, str, float] | None = None
 
     # --- executor side: a cheap callback only -----------------------------------------------
 
@@ -62,10 +66,11 @@ class FrameWorker:
 
     # --- worker thread ------------------------------------------------------------------------
 
-    def _next_frame(self) -> tuple[CameraState, Any, float, Config | None] | None:
+    def _next_frame(self, stop: threading.Event
+                    ) -> tuple[CameraState, Any, float, Config | None] | None:
         """Wait for a frame; take the newest one of the camera served longest ago."""
         with self._cond:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 waiting = [c for c in self.cameras.values() if c.slot is not None]
                 if waiting:
                     cam = min(waiting, key=lambda c: c.last_served)
@@ -76,20 +81,36 @@ class FrameWorker:
                 self._cond.wait(timeout=0.5)
         return None
 
-    def _work(self) -> None:
-        while (item := self._next_frame()) is not None:
+    def _work(self, stop: threading.Event) -> None:
+        """The worker thread; ``stop`` is its own event (a later worker gets a new one)."""
+        while (item := self._next_frame(stop)) is not None:
             cam, msg, t_recv, cfg = item
+            self._busy = (cam.name, str(msg.header.frame_id), time.perf_counter())
             try:
                 if cfg is not None:
                     self.segmenter.set_config(cfg)
                     for c in self.cameras.values():
                         c.spatial.set_config(cfg)
-                self._process(cam, msg, t_recv)
+                self._process(cam, msg, t_recv, stop)
+            except Cancelled:
+                self.get_logger().info(f"camera '{cam.name or '/'}': frame "
+                                       f"'{msg.header.frame_id}' cancelled (stopping)")
+                return
             except Exception as exc:  # never let one frame kill the worker
-                if self._stop.is_set():
+                if stop.is_set():
                     return  # publishers are going away during shutdown
                 self._bad_frame(cam, "node_error", f"{type(exc).__name__}: {exc}")
                 self.get_logger().debug(traceback.format_exc())
+            finally:
+                self._busy = None
+
+    def _busy_text(self) -> str:
+        """What the worker is doing, for the shutdown log ('' when idle)."""
+        busy = self._busy
+        if busy is None:
+            return ""
+        return (f"the frame in flight (camera '{busy[0] or '/'}', frame_id '{busy[1]}', "
+                f"{time.perf_counter() - busy[2]:.1f} s in E-SAM)")
 
     def _to_rgb(self, cam: CameraState, msg: Any) -> Any:
         """Decode and size-check one frame; raises ImageError (with a reason) when refused."""
@@ -112,7 +133,8 @@ class FrameWorker:
                     f"{limit}; downscaled to {rgb.shape[1]}x{rgb.shape[0]} (outputs at that size)")
         return rgb
 
-    def _process(self, cam: CameraState, msg: Any, t_recv: float) -> None:
+    def _process(self, cam: CameraState, msg: Any, t_recv: float,
+                 stop: threading.Event | None = None) -> None:
         t0 = time.perf_counter()
         try:
             rgb = self._to_rgb(cam, msg)
@@ -121,7 +143,12 @@ class FrameWorker:
             return
         t1 = time.perf_counter()
         try:
-            result = self.segmenter.segment(rgb)
+            result = self.segmenter.segment(rgb, cancel=stop)
+            if result.label_map.shape != rgb.shape[:2]:  # never publish another frame's answer
+                raise RuntimeError(f"label map {result.label_map.shape} for a frame of "
+                                   f"{rgb.shape[:2]}")
+        except Cancelled:
+            raise
         except Exception as exc:  # one bad frame must not stop the node
             self._bad_frame(cam, "esam_error", f"E-SAM failed: {type(exc).__name__}: {exc}")
             self.get_logger().debug(traceback.format_exc())

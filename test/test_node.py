@@ -324,11 +324,11 @@ def test_exception_inside_esam_is_counted(raw: Harness) -> None:
         def __init__(self) -> None:
             self.failed = False
 
-        def segment(self, rgb: np.ndarray) -> Any:
+        def segment(self, rgb: np.ndarray, cancel: Any = None) -> Any:
             if not self.failed:
                 self.failed = True
                 raise RuntimeError("simulated failure")
-            return real.segment(rgb)
+            return real.segment(rgb, cancel)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(real, name)
@@ -348,10 +348,10 @@ def test_parameters_answer_while_inference_runs(raw: Harness) -> None:
     entered, release = threading.Event(), threading.Event()
 
     class Held:
-        def segment(self, rgb: np.ndarray) -> Any:
+        def segment(self, rgb: np.ndarray, cancel: Any = None) -> Any:
             entered.set()
             release.wait(timeout=60.0)
-            return real.segment(rgb)
+            return real.segment(rgb, cancel)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(real, name)
