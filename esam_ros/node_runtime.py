@@ -26,6 +26,7 @@ from typing import Any
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
@@ -150,7 +151,9 @@ class EsamRuntime(FrameWorker):
                 setattr(cam, attr, self.create_publisher(mtype, topic(cam.name, out), qos_out))
                 self._io.append((self.destroy_publisher, getattr(cam, attr)))
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        timer = self.create_timer(self.params["diagnostics_period"], self._publish_diagnostics)
+        # A steady clock: with use_sim_time and no /clock (yet) the node clock stands still.
+        timer = self.create_timer(self.params["diagnostics_period"], self._publish_diagnostics,
+                                  clock=Clock(clock_type=ClockType.STEADY_TIME))
         self._io += [(self.destroy_publisher, self._diag_pub), (self.destroy_timer, timer)]
 
     def _stop_worker(self, timeout: float | None = None) -> bool:

@@ -21,6 +21,7 @@ from esam_core.config import Config
 from esam_core.pipeline import Cancelled
 from esam_ros import conversions
 from esam_ros.conversions import ImageError
+from esam_ros.frame_decode import check_frame, decode_frame
 from esam_ros.node_depth import CameraSpatial, entity_array, image_msg
 
 
@@ -57,7 +58,16 @@ class FrameWorker:
     # --- executor side: a cheap callback only -----------------------------------------------
 
     def _on_image(self, cam: CameraState, msg: Any) -> None:
+        """Refuse (and count) what is cheap to see is bad, so it never displaces a good frame
+        waiting in the slot; store the rest."""
         now = time.perf_counter()
+        try:
+            check_frame(msg, isinstance(msg, CompressedImage), self.params["max_image_pixels"],
+                        self.params["oversize_policy"])
+        except ImageError as exc:
+            self.stats.received(cam.name, False)
+            self._bad_frame(cam, exc.reason, str(exc))
+            return
         with self._cond:
             replaced = cam.slot is not None
             cam.slot = (msg, now)
@@ -113,18 +123,11 @@ class FrameWorker:
                 f"{time.perf_counter() - busy[2]:.1f} s in E-SAM)")
 
     def _to_rgb(self, cam: CameraState, msg: Any) -> Any:
-        """Decode and size-check one frame; raises ImageError (with a reason) when refused."""
-        if isinstance(msg, CompressedImage):
-            rgb = conversions.compressed_to_rgb(msg)
-        else:
-            rgb = conversions.image_to_rgb(msg)
+        """Decode one frame within max_image_pixels; raises ImageError (with a reason)."""
         limit = self.params["max_image_pixels"]
-        h, w = rgb.shape[:2]
-        if limit and h * w > limit:
-            if self.params["oversize_policy"] == "refuse":
-                raise ImageError(f"frame {w}x{h} = {w * h} px exceeds max_image_pixels {limit} "
-                                 f"(oversize_policy: refuse)", "oversize")
-            rgb, _ = conversions.fit_max_pixels(rgb, limit)
+        rgb, (w, h) = decode_frame(msg, isinstance(msg, CompressedImage), limit,
+                                   self.params["oversize_policy"])
+        if rgb.shape[:2] != (h, w):
             self.stats.downscaled(cam.name)
             if cam.name not in self._downscale_logged:
                 self._downscale_logged.add(cam.name)

@@ -38,6 +38,7 @@ from esam_ros.bag_io import (
 )
 from esam_ros.bag_io import output_topics as name_outputs
 from esam_ros.conversions import ImageError, compressed_to_rgb, image_to_rgb, label_image_fields
+from esam_ros.frame_decode import check_stamp
 from esam_ros.replay_depth import (
     CameraInfos,
     DepthPairing,
@@ -53,6 +54,8 @@ TEST_TINY_YAML = Path(__file__).resolve().parents[1] / "config" / "test_tiny.yam
 
 def decode_image(msg: Any, msgtype: str) -> np.ndarray:
     """Image or CompressedImage -> (H, W, 3) uint8 RGB; ``ImageError`` says why not."""
+    if msgtype in IMAGE_TYPES:
+        check_stamp(msg.header)  # nanosec >= 1e9 would make the next frame look older
     if msgtype == IMAGE:
         return image_to_rgb(msg)
     if msgtype == COMPRESSED:
