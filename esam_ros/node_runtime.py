@@ -198,7 +198,7 @@ class EsamRuntime(FrameWorker):
 
     def _on_set_parameters(self, params: list) -> SetParametersResult:
         try:
-            changes = changes_from(params)
+            changes = changes_from(params, self.has_parameter)
         except ConfigError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         esam = {k: v for k, v in changes.items() if k in PARAMETERS}

@@ -488,7 +488,7 @@ def test_missing_checkpoint_is_fatal_with_path_and_fix(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("line, words", [
     ("      theta_o: 1.5", ["mmg.theta_o", "1.5"]),
-    ("      theta_o: 'high'", ["mmg.theta_o", "type"]),
+    ("      theta_o: 'high'", ["mmg.theta_o", "expected a number"]),
     ("      nms_iou: circle", ["mmg.nms_iou", "circle"]),
 ])
 def test_invalid_parameter_file_fails_cleanly(tmp_path: Path, line: str, words: list[str]) -> None:

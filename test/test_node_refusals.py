@@ -10,13 +10,24 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 from conftest import requires_ros
-from test_node import Harness, _context_and_node, check_outputs, compressed_msg, image_msg, scene
+from test_node import (
+    TINY,
+    Harness,
+    _context_and_node,
+    _run_node,
+    check_outputs,
+    compressed_msg,
+    image_msg,
+    scene,
+    set_params,
+)
 
 pytestmark = requires_ros
 
@@ -185,3 +196,35 @@ def test_diagnostics_run_with_sim_time_and_no_clock(ros_context: Any) -> None:
     node.destroy_node()
     listener.destroy_node()
     assert got, "no /diagnostics with use_sim_time and no /clock"
+
+
+def test_run_time_parameter_refusals_are_clear_and_an_int_sets_a_float(raw: Harness) -> None:
+    (ok,) = set_params(raw, {"emr.delta": 0})  # `ros2 param set /esam_node emr.delta 0`
+    assert ok.successful, ok.reason
+    assert raw.esam.params["emr.delta"] == 0.0 and isinstance(raw.esam.params["emr.delta"], float)
+    assert raw.esam.get_parameter("emr.delta").value == 0.0
+    for values, words in (({"emr.delta": "high"}, ["emr.delta", "expected a number"]),
+                          ({"mmg.points_per_side": 4.5}, ["points_per_side", "an integer"]),
+                          ({"emr.deltaa": 0.1}, ["unknown parameter 'emr.deltaa'"])):
+        (res,) = set_params(raw, values)
+        assert not res.successful, values
+        assert all(w in res.reason for w in words) and "'3'" not in res.reason, res.reason
+    (ok,) = set_params(raw, {"emr.delta": 0.05})
+    assert ok.successful
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ("      points_per_side: 4  #", "      points_per_side: 4.5  #",
+     ["mmg.points_per_side", "4.5", "expected an integer"]),
+    ("    cameras: ['']  #", "    cameras: []  #", ["'cameras'", "non-empty list"]),
+])
+def test_parameter_file_errors_say_what_to_write(tmp_path: Path, old: str, new: str,
+                                                 words: list[str]) -> None:
+    text = Path(TINY).read_text()
+    assert old in text
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace(old, new))
+    proc = _run_node(["--params-file", str(path)])
+    lines = [x for x in proc.stderr.splitlines() + proc.stdout.splitlines() if x.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, lines
+    assert all(w in lines[0] for w in words) and "decimal point" not in lines[0], lines[0]
