@@ -14,6 +14,7 @@ Output topic rule (what the node publishes in camera namespace C):
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
+
+from esam_ros.bag_repair import is_complete, readable_bag
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
@@ -102,6 +105,7 @@ class BagReader:
     """Read image topics from a ROS 1 or ROS 2 bag, in time order.
 
     Use as a context manager; opening failures (missing, not a bag, corrupt) raise ``BagError``.
+    A cut-off MCAP recording is read up to the damage (``damage`` says what was lost).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -110,22 +114,52 @@ class BagReader:
         self._fallback = get_typestore(Stores.LATEST)
         self._ros1 = get_typestore(Stores.ROS1_NOETIC)
         self._reader: AnyReader | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        #: What was lost when the bag is a cut-off MCAP recording (read up to the damage).
+        self.damage: str | None = None
 
     def __enter__(self) -> BagReader:
         if not self.path.exists():
             raise BagError(f"bag not found: {self.path}")
         try:
-            self._reader = AnyReader([self.path], default_typestore=self._fallback)
-            self._reader.open()
+            self._reader = self._open(self.path)
         except Exception as exc:  # rosbags raises many types (yaml, sqlite, mcap, struct)
             self._reader = None
-            raise BagError(f"cannot open bag {self.path}: {type(exc).__name__}: {exc}") from None
+            if not self._truncated_mcap():
+                raise BagError(f"cannot open bag {self.path}: {type(exc).__name__}: {exc}") \
+                    from None
+            self._reader = self._open_readable_part(exc)
         return self
+
+    def _open(self, path: Path) -> AnyReader:
+        reader = AnyReader([path], default_typestore=self._fallback)
+        reader.open()
+        return reader
+
+    def _truncated_mcap(self) -> bool:
+        files = [self.path] if self.path.is_file() else list(self.path.glob("*.mcap"))
+        return any(f.suffix == ".mcap" and not is_complete(f) for f in files)
+
+    def _open_readable_part(self, exc: Exception) -> AnyReader:
+        """A cut-off MCAP recording: read its complete records from a repaired copy."""
+        self._tmp = tempfile.TemporaryDirectory(prefix="esam_bag_")
+        try:
+            path, lost = readable_bag(self.path, Path(self._tmp.name))
+            reader = self._open(path)
+        except Exception as again:
+            self._tmp.cleanup()
+            raise BagError(f"cannot open bag {self.path}: {type(exc).__name__}: {exc} (and "
+                           f"its readable part: {type(again).__name__}: {again})") from None
+        self.damage = f"bag {self.path} is damaged: {lost}"
+        return reader
 
     def __exit__(self, *exc: object) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     @property
     def reader(self) -> AnyReader:
