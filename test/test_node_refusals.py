@@ -6,7 +6,6 @@ zero bytes and a 16-bit colour PNG are served; /diagnostics runs with use_sim_ti
 
 from __future__ import annotations
 
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -20,12 +19,13 @@ from conftest import requires_ros
 from test_node import (
     TINY,
     Harness,
-    _context_and_node,
+    Held,
     _run_node,
     check_outputs,
     compressed_msg,
     image_msg,
     scene,
+    serve,
     set_params,
 )
 
@@ -34,27 +34,12 @@ pytestmark = requires_ros
 
 @pytest.fixture(scope="module")
 def raw() -> Iterator[Harness]:
-    import rclpy
-
-    context, node = _context_and_node({"diagnostics_period": 0.2})
-    harness = Harness(context, node, [""], compressed=False)
-    yield harness
-    harness.close()
-    node.destroy_node()
-    rclpy.shutdown(context=context)
+    yield from serve({"diagnostics_period": 0.2}, [""], compressed=False)
 
 
 @pytest.fixture(scope="module")
 def compressed() -> Iterator[Harness]:
-    import rclpy
-
-    context, node = _context_and_node({"input_transport": "compressed",
-                                       "diagnostics_period": 0.2})
-    harness = Harness(context, node, [""], compressed=True)
-    yield harness
-    harness.close()
-    node.destroy_node()
-    rclpy.shutdown(context=context)
+    yield from serve({"input_transport": "compressed", "diagnostics_period": 0.2}, [""], True)
 
 
 def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
@@ -66,19 +51,9 @@ def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
 
 def test_bad_frame_flood_is_counted_and_never_displaces_a_good_frame(raw: Harness) -> None:
     esam, real = raw.esam, raw.esam.segmenter
-    entered, release = threading.Event(), threading.Event()
-
-    class Held:  # holds the worker inside segment() on the first frame
-        def segment(self, rgb: np.ndarray, cancel: Any = None) -> Any:
-            entered.set()
-            release.wait(timeout=60.0)
-            return real.segment(rgb, cancel)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
-
+    held = esam.segmenter = Held(real)  # holds the worker inside segment() on the first frame
+    entered, release = held.entered, held.release
     stats = lambda: esam.stats.snapshot("")  # noqa: E731
-    esam.segmenter = Held()
     try:
         hold = image_msg(scene(), "rgb8", "flood_hold")
         wait_until(lambda: raw.pubs[""].publish(hold) or entered.wait(0.5), "the held frame")

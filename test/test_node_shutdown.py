@@ -109,6 +109,22 @@ class SlowNode:
         finally:
             client.destroy_node()
 
+    def stop_cleanly(self, context: Any, sig: int, again: bool = False) -> str:
+        """Start a frame, send ``sig`` (and, once the node says it waits, ``sig`` again);
+        check the exit: code 0, no abort, within 15 s. Returns the output."""
+        self.start_a_frame(context)
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        if again:
+            assert self.wait_for_line("waiting for the frame in flight", 20.0), self.output()
+            self.proc.send_signal(sig)
+        code = self.wait_exit()
+        elapsed, out = time.monotonic() - t0, self.output()
+        assert code == 0, out
+        assert not any(a in out for a in ABORTS), out
+        assert elapsed < 15.0, f"took {elapsed:.1f} s to stop:\n{out}"
+        return out
+
     def wait_exit(self, timeout: float = 60.0) -> int:
         try:
             code = self.proc.wait(timeout=timeout)
@@ -123,44 +139,20 @@ class SlowNode:
 def test_signal_cancels_the_frame_at_a_stage_boundary_and_exits_0(ros_context: Any) -> None:
     # Each decoder batch (one prompt) takes 1 s: the frame would need well over 30 s.
     node = SlowNode(encoder_s=0.0, batch_s=1.0, shutdown_timeout_s=30.0)
-    node.start_a_frame(ros_context)
-    t0 = time.monotonic()
-    node.proc.send_signal(signal.SIGINT)
-    code = node.wait_exit()
-    elapsed, out = time.monotonic() - t0, node.output()
-    assert code == 0, out
+    out = node.stop_cleanly(ros_context, signal.SIGINT)
     assert "waiting for the frame in flight (camera '/', frame_id 'slow_frame'" in out, out
     assert "frame 'slow_frame' cancelled" in out, out
-    assert not any(a in out for a in ABORTS), out
-    assert elapsed < 15.0, f"took {elapsed:.1f} s to stop:\n{out}"
 
 
 def test_frame_that_cannot_stop_in_time_exits_0_after_shutdown_timeout(ros_context: Any) -> None:
     # The encoder (60 s here) cannot be interrupted; shutdown_timeout_s bounds the wait.
     node = SlowNode(encoder_s=60.0, batch_s=0.0, shutdown_timeout_s=1.0)
-    node.start_a_frame(ros_context)
-    t0 = time.monotonic()
-    node.proc.send_signal(signal.SIGTERM)
-    code = node.wait_exit()
-    elapsed, out = time.monotonic() - t0, node.output()
-    assert code == 0, out
+    out = node.stop_cleanly(ros_context, signal.SIGTERM)
     assert "(at most 1.0 s)" in out and "did not stop within shutdown_timeout_s" in out, out
-    assert not any(a in out for a in ABORTS), out
-    assert elapsed < 15.0, f"took {elapsed:.1f} s to stop:\n{out}"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_second_signal_exits_at_once_without_abort(ros_context: Any, sig: int) -> None:
     node = SlowNode(encoder_s=60.0, batch_s=0.0, shutdown_timeout_s=60.0)
-    node.start_a_frame(ros_context)
-    t0 = time.monotonic()
-    node.proc.send_signal(sig)
-    waiting = node.wait_for_line("waiting for the frame in flight", 20.0)
-    node.proc.send_signal(sig)
-    code = node.wait_exit()
-    elapsed, out = time.monotonic() - t0, node.output()
-    assert waiting, out
-    assert code == 0, out
+    out = node.stop_cleanly(ros_context, sig, again=True)
     assert f"{signal.Signals(sig).name} again: exiting now" in out, out
-    assert not any(a in out for a in ABORTS), out
-    assert elapsed < 15.0, f"took {elapsed:.1f} s to stop:\n{out}"
