@@ -159,15 +159,17 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range; the message names the key."""
 
 
-def validate_value(key: str, value: Any) -> Any:
-    """Check one value against ``PARAMETERS[key]`` and return it (ints widened to float).
+def validate_value(key: str, value: Any, schema: dict[str, Param] | None = None) -> Any:
+    """Check one value against ``schema[key]`` (default ``PARAMETERS``) and return it (ints
+    widened to float, integral floats narrowed to int).
 
     Raises:
         ConfigError: naming the key, the value and what is allowed.
     """
-    if key not in PARAMETERS:
+    schema = PARAMETERS if schema is None else schema
+    if key not in schema:
         raise ConfigError(f"unknown parameter '{key}'")
-    p = PARAMETERS[key]
+    p = schema[key]
     d = p.default
     if isinstance(d, bool):
         if not isinstance(value, bool):

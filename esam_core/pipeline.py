@@ -8,6 +8,7 @@ map) and ``sam_o`` (SAM's object-level masks only, Table 2's SAM^O).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,19 +50,32 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+class Cancelled(Exception):
+    """``EntitySegmenter.segment`` stopped early because its ``cancel`` event was set."""
+
+
 class _Stages:
     """Per-stage wall-clock timings (perf_counter, with device sync) and decoded-prompt counts.
 
     Decoder time spent inside a post-processing stage (lazy gallery, USR prompts) is booked to
     ``decode_<stage>`` and subtracted from the stage itself, so the two are reported apart.
+    With a ``cancel`` event, entering a stage and every decoder batch first checks it (raising
+    ``Cancelled``): the longest step that cannot be cancelled is the encoder or one batch.
     """
 
-    def __init__(self, backend: PromptBackend) -> None:
+    def __init__(self, backend: PromptBackend, cancel: threading.Event | None = None,
+                 batch: int = 64) -> None:
         self.backend = backend
         self.timings: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self._stage = "setup"
         self._decode_time = 0.0
+        self._cancel, self._batch = cancel, max(1, batch)
+
+    def check(self) -> None:
+        """Raise ``Cancelled`` if the cancel event is set."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled(f"cancelled before {self._stage}")
 
     def _sync(self) -> None:
         sync = getattr(self.backend, "synchronize", None)
@@ -71,6 +85,7 @@ class _Stages:
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         outer, self._stage = self._stage, name
+        self.check()
         decode_before = self._decode_time
         self._sync()
         t0 = time.perf_counter()
@@ -86,7 +101,8 @@ class _Stages:
         """``backend.decode_points`` with its time and prompt count booked to the current stage."""
         self._sync()
         t0 = time.perf_counter()
-        out = self.backend.decode_points(points)
+        out = self._decode_batches(points) if self._cancel is not None else \
+            self.backend.decode_points(points)
         self._sync()
         dt = time.perf_counter() - t0
         self._decode_time += dt
@@ -94,6 +110,25 @@ class _Stages:
         self.timings[f"decode_{stage}"] = self.timings.get(f"decode_{stage}", 0.0) + dt
         self.counts[f"prompts_{stage}"] = self.counts.get(f"prompts_{stage}", 0) + len(points)
         return out
+
+    def _decode_batches(self, points: np.ndarray) -> Decoded:
+        """``decode_points`` one batch at a time (the backend's own batches, so the same
+        answer), checking the cancel event before each; filled into one preallocated result."""
+        parts = range(0, len(points), self._batch)
+        out = None
+        for s in parts:
+            self.check()
+            part = self.backend.decode_points(points[s:s + self._batch])
+            if out is None:
+                if len(part) == len(points):
+                    return part
+                out = Decoded(np.asarray(points, dtype=np.float64).reshape(-1, 2).copy(),
+                              *(t.new_empty((len(points), *t.shape[1:]))
+                                for t in (part.logits, part.iou, part.stability)))
+            for mine, theirs in zip((out.logits, out.iou, out.stability),
+                                    (part.logits, part.iou, part.stability)):
+                mine[s:s + len(part)] = theirs
+        return out if out is not None else self.backend.decode_points(points)
 
 
 class _CountingBackend:
@@ -152,11 +187,16 @@ class EntitySegmenter:
         if release is not None:
             release()
 
-    def segment(self, image: np.ndarray) -> EntitySegmentation:
-        """Segment one image ((H, W, 3) RGB or (H, W) mono uint8) into entities."""
+    def segment(self, image: np.ndarray,
+                cancel: threading.Event | None = None) -> EntitySegmentation:
+        """Segment one image ((H, W, 3) RGB or (H, W) mono uint8) into entities.
+
+        ``cancel``: when set (by another thread), the call raises ``Cancelled`` at the next stage
+        boundary or decoder batch (a node shutting down or deactivating).
+        """
         cfg = self._cfg  # one snapshot per frame: runtime changes apply from the next frame
         rgb = as_rgb(image)
-        stages = _Stages(self.backend)
+        stages = _Stages(self.backend, cancel, cfg["model.points_per_batch"])
         t0 = time.perf_counter()
         mode = cfg["mode"]
         if mode == "amg" and hasattr(self.backend, "amg_generator"):

@@ -1,10 +1,10 @@
-"""Bag reading and writing for `esam replay`, with rosbags only (no ROS install needed).
+"""Bag reading for `esam replay`, with rosbags only (no ROS install needed); writing is
+``esam_ros.bag_writer``.
 
 Reads ROS 2 bags (sqlite3 or MCAP, a folder or a bare file) and ROS 1 ``.bag`` files; a folder
 holding ``metadata.yaml`` is a rosbag2 bag whatever its name (``ros2 bag record -o run.bag``
-makes one), only a ``.bag`` *file* is ROS 1. Writes a
-rosbag2 (version 9) whose ``esam_ros/msg/EntityArray`` topics carry their full message definition,
-so Foxglove and ``ros2 bag`` decode them.
+makes one), only a ``.bag`` *file* is ROS 1. A cut-off MCAP recording is read up to the damage
+(``esam_ros.bag_repair``).
 
 Output topic rule (what the node publishes in camera namespace C):
   ``C/image`` and ``C/image/compressed`` -> ``C/entities``, ``C/entity_labels``;
@@ -15,25 +15,20 @@ Output topic rule (what the node publishes in camera namespace C):
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rosbags.highlevel import AnyReader
-from rosbags.rosbag2 import StoragePlugin, Writer
-from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-from rosbags.typesys.store import Typestore
+from rosbags.typesys import Stores, get_typestore
+
+from esam_ros.bag_repair import is_complete, readable_bag
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
 IMAGE_TYPES = (IMAGE, COMPRESSED)
-ENTITY_ARRAY = "esam_ros/msg/EntityArray"
-STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
 
 
 class BagError(RuntimeError):
@@ -61,36 +56,6 @@ def output_topics(inputs: Iterable[str]) -> dict[str, tuple[str, str]]:
     return result
 
 
-def find_msg_dir() -> Path:
-    """The folder holding ``Entity.msg`` and ``EntityArray.msg``.
-
-    Looked up in ``$ESAM_MSG_DIR``, the source tree, ``share/esam_ros/msg`` of this Python's
-    prefix (a pip install), then of every prefix in ``$AMENT_PREFIX_PATH`` (a colcon install).
-    """
-    candidates = [Path(p) for p in [os.environ.get("ESAM_MSG_DIR", "")] if p]
-    candidates.append(Path(__file__).resolve().parents[1] / "msg")
-    candidates.append(Path(sys.prefix) / "share" / "esam_ros" / "msg")
-    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
-        if prefix:
-            candidates.append(Path(prefix) / "share" / "esam_ros" / "msg")
-    for path in candidates:
-        if (path / "EntityArray.msg").is_file() and (path / "Entity.msg").is_file():
-            return path
-    raise BagError(f"esam_ros message definitions not found (looked in {candidates})")
-
-
-def output_typestore() -> Typestore:
-    """The ROS 2 typestore plus ``esam_ros/msg/Entity`` and ``EntityArray`` from ``msg/*.msg``."""
-    store = get_typestore(Stores.LATEST)
-    msg_dir = find_msg_dir()
-    types: dict[str, Any] = {}
-    for name in ("Entity", "EntityArray"):
-        types.update(get_types_from_msg((msg_dir / f"{name}.msg").read_text(),
-                                        f"esam_ros/msg/{name}"))
-    store.register(types)
-    return store
-
-
 @dataclass
 class BagMessage:
     """One message of a bag, deserialized, or with ``error`` saying why it could not be."""
@@ -107,6 +72,7 @@ class BagReader:
     """Read image topics from a ROS 1 or ROS 2 bag, in time order.
 
     Use as a context manager; opening failures (missing, not a bag, corrupt) raise ``BagError``.
+    A cut-off MCAP recording is read up to the damage (``damage`` says what was lost).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -115,37 +81,65 @@ class BagReader:
         self._fallback = get_typestore(Stores.LATEST)
         self._ros1 = get_typestore(Stores.ROS1_NOETIC)
         self._reader: AnyReader | None = None
-        self._link_dir: tempfile.TemporaryDirectory | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        #: What was lost when the bag is a cut-off MCAP recording (read up to the damage).
+        self.damage: str | None = None
 
-    def _open_path(self) -> Path:
-        """The path to give rosbags: it takes any '.bag' path for ROS 1, so a rosbag2 folder
-        named ``*.bag`` is opened through a link without the suffix."""
-        if self.path.suffix != ".bag" or not (self.path / "metadata.yaml").is_file():
-            return self.path
-        self._link_dir = tempfile.TemporaryDirectory(prefix="esam_bag_")
-        link = Path(self._link_dir.name) / "rosbag2"
-        link.symlink_to(self.path.resolve(), target_is_directory=True)
-        return link
+    def _tmp_dir(self) -> Path:
+        """A fresh folder under this reader's temporary directory (removed on exit)."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="esam_bag_")
+        return Path(tempfile.mkdtemp(dir=self._tmp.name))
 
     def __enter__(self) -> BagReader:
         if not self.path.exists():
             raise BagError(f"bag not found: {self.path}")
         try:
-            self._reader = AnyReader([self._open_path()], default_typestore=self._fallback)
-            self._reader.open()
-        except Exception as exc:  # rosbags raises many types (yaml, sqlite, mcap, struct)
-            self._reader = None
+            try:
+                self._reader = self._open(self.path)
+            except Exception as exc:  # rosbags raises many types (yaml, sqlite, mcap, struct)
+                if not self._truncated_mcap():
+                    raise BagError(f"cannot open bag {self.path}: {type(exc).__name__}: "
+                                   f"{exc}") from None
+                self._reader = self._open_readable_part(exc)
+        except BagError:
             self.__exit__()
-            raise BagError(f"cannot open bag {self.path}: {type(exc).__name__}: {exc}") from None
+            raise
         return self
+
+    def _open(self, path: Path) -> AnyReader:
+        # rosbags takes any '.bag' path for ROS 1, so a rosbag2 folder named ``*.bag`` is
+        # opened through a link without the suffix.
+        if path.suffix == ".bag" and (path / "metadata.yaml").is_file():
+            link = self._tmp_dir() / "rosbag2"
+            link.symlink_to(path.resolve(), target_is_directory=True)
+            path = link
+        reader = AnyReader([path], default_typestore=self._fallback)
+        reader.open()
+        return reader
+
+    def _truncated_mcap(self) -> bool:
+        files = [self.path] if self.path.is_file() else list(self.path.glob("*.mcap"))
+        return any(f.suffix == ".mcap" and not is_complete(f) for f in files)
+
+    def _open_readable_part(self, exc: Exception) -> AnyReader:
+        """A cut-off MCAP recording: read its complete records from a repaired copy."""
+        try:
+            path, lost = readable_bag(self.path, self._tmp_dir())
+            reader = self._open(path)
+        except Exception as again:
+            raise BagError(f"cannot open bag {self.path}: {type(exc).__name__}: {exc} (and "
+                           f"its readable part: {type(again).__name__}: {again})") from None
+        self.damage = f"bag {self.path} is damaged: {lost}"
+        return reader
 
     def __exit__(self, *exc: object) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        if self._link_dir is not None:
-            self._link_dir.cleanup()
-            self._link_dir = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     @property
     def reader(self) -> AnyReader:
@@ -207,74 +201,3 @@ class BagReader:
             return store.deserialize_cdr(raw, msgtype), None
         except Exception as exc:  # truncated or garbled serialized data
             return None, f"undecodable {msgtype} message: {type(exc).__name__}: {exc}"
-
-
-class OutputBag:
-    """A rosbag2 (version 9) for replay results; use as a context manager.
-
-    Raises:
-        BagError: the path exists already, or the storage is unknown.
-    """
-
-    def __init__(self, path: str | Path, storage: str = "mcap") -> None:
-        if storage not in STORAGES:
-            raise BagError(f"unknown storage {storage!r}; expected one of {sorted(STORAGES)}")
-        self.path = Path(path)
-        if self.path.exists():
-            raise BagError(f"output bag {self.path} exists already (use --overwrite)")
-        self.store = output_typestore()
-        self._writer = Writer(self.path, version=9, storage_plugin=STORAGES[storage])
-        self._connections: dict[str, Any] = {}
-
-    def __enter__(self) -> OutputBag:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._writer.close()
-
-    def write(self, topic: str, msgtype: str, timestamp: int, msg: Any) -> None:
-        """Serialize ``msg`` (any object with the type's fields) as CDR and write it."""
-        conn = self._connections.get(topic)
-        if conn is None:
-            conn = self._writer.add_connection(topic, msgtype, typestore=self.store)
-            self._connections[topic] = conn
-        self._writer.write(conn, timestamp, self.store.serialize_cdr(msg, msgtype))
-
-    def header(self, source: Any) -> Any:
-        """A std_msgs/Header equal to ``source``'s stamp and frame_id."""
-        t = self.store.types
-        stamp = t["builtin_interfaces/msg/Time"](sec=int(source.stamp.sec),
-                                                 nanosec=int(source.stamp.nanosec))
-        return t["std_msgs/msg/Header"](stamp=stamp, frame_id=str(source.frame_id))
-
-    def label_image(self, header: Any, fields: dict[str, Any]) -> Any:
-        """sensor_msgs/Image from ``conversions.label_image_fields`` output."""
-        data = np.frombuffer(bytes(fields["data"]), dtype=np.uint8)
-        return self.store.types[IMAGE](
-            header=header, height=int(fields["height"]), width=int(fields["width"]),
-            encoding=str(fields["encoding"]), is_bigendian=int(fields["is_bigendian"]),
-            step=int(fields["step"]), data=data)
-
-    def entity_array(self, header: Any, height: int, width: int, entities: list) -> Any:
-        """esam_ros/msg/EntityArray from ``esam_core.types.Entity`` objects."""
-        t = self.store.types
-        out = []
-        for e in entities:
-            x, y, w, h = (int(v) for v in e.bbox)
-            has_pos = e.position is not None
-            pos = e.position if has_pos else (0.0, 0.0, 0.0)
-            size = e.size if e.size is not None else (0.0, 0.0, 0.0)
-            out.append(t["esam_ros/msg/Entity"](
-                id=int(e.id), score=float(e.score), area=int(e.area),
-                bbox=t["sensor_msgs/msg/RegionOfInterest"](
-                    x_offset=x, y_offset=y, height=h, width=w, do_rectify=False),
-                centroid_x=float(e.centroid[0]), centroid_y=float(e.centroid[1]),
-                track_id=int(e.track_id), has_position=has_pos,
-                position=t["geometry_msgs/msg/Point"](x=float(pos[0]), y=float(pos[1]),
-                                                      z=float(pos[2])),
-                size=t["geometry_msgs/msg/Vector3"](x=float(size[0]), y=float(size[1]),
-                                                    z=float(size[2])),
-                depth_coverage=float(e.depth_coverage)))
-        return t[ENTITY_ARRAY](header=header, height=int(height), width=int(width), entities=out)

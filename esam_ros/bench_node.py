@@ -26,7 +26,7 @@ import numpy as np
 
 from esam_core.labels import entities_from_label_map
 from esam_core.types import EntitySegmentation
-from esam_ros import conversions
+from esam_ros import conversions, overlay
 
 
 def blocks_label_map(h: int, w: int, n: int) -> np.ndarray:
@@ -59,7 +59,7 @@ class Precomputed:
     def __init__(self, result: EntitySegmentation) -> None:
         self.result = result
 
-    def segment(self, rgb: np.ndarray) -> EntitySegmentation:
+    def segment(self, rgb: np.ndarray, cancel: Any = None) -> EntitySegmentation:
         return self.result
 
     def set_config(self, cfg: Any) -> None:
@@ -91,7 +91,7 @@ def stage_benchmarks(h: int, w: int, n: int, repeat: int) -> dict[str, tuple[flo
     out["label image (mono16)"] = timed(
         lambda: _image(header, conversions.label_image_fields(labels)), repeat)
     out["overlay image (rgb8, ids)"] = timed(lambda: _image(header, conversions.rgb_image_fields(
-        conversions.overlay_image(rgb, labels, entities=result.entities))), repeat)
+        overlay.overlay_image(rgb, labels, entities=result.entities))), repeat)
     big = cv2.resize(rgb, (1920, 1440))
     out["downscale 1920x1440 -> 0.3 MP"] = timed(
         lambda: conversions.fit_max_pixels(big, h * w), repeat)

@@ -118,12 +118,13 @@ def _run_model(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
                      "emr": row_cfg["modules.emr"], "usr": row_cfg["modules.usr"],
                      **report["stats"], "seconds_per_image": report["seconds_per_image"]})
     assert report is not None
-    for name in ("missing", "unreadable"):
+    for name in ("missing", "unreadable", "resized"):  # resized: to the annotated size
         for f in report[name]:
             log.warning("image %s: %s", name, f)
     print(format_table(rows, args.ablation))
     print(f"images: {report['evaluated']} evaluated, {len(report['missing'])} missing, "
-          f"{len(report['unreadable'])} unreadable; {len(gt.skipped)} annotations skipped")
+          f"{len(report['unreadable'])} unreadable, {len(report['resized'])} of another size "
+          f"than annotated; {len(gt.skipped)} annotations skipped")
     return {"images_dir": str(images_dir), "ablation": args.ablation, "rows": rows,
             "images": {k: report[k] for k in ("evaluated", "missing", "unreadable", "resized")},
             "config": cfg.as_dict()}

@@ -7,11 +7,11 @@ of ints. Channel order is always explicit: every function returns or takes RGB.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import cv2
 import numpy as np
+import simplejpeg
 
 SUPPORTED_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC3", "8UC1")
 
@@ -30,7 +30,8 @@ class ImageError(ValueError):
     """An image message cannot be segmented; the message says exactly why (encoding, sizes...).
 
     ``reason`` is a short key for counting (``unsupported_encoding``, ``depth_image``,
-    ``zero_size``, ``bad_step``, ``bad_data_length``, ``empty``, ``truncated``, ``undecodable``).
+    ``zero_size``, ``bad_step``, ``bad_data_length``, ``empty``, ``truncated``, ``corrupt``,
+    ``undecodable``; ``esam_ros.frame_decode`` adds ``bad_stamp`` and ``oversize``).
     """
 
     def __init__(self, message: str, reason: str = "invalid_image") -> None:
@@ -61,10 +62,11 @@ def _refuse_encoding(encoding: str) -> ImageError:
                       f"(supported: {', '.join(SUPPORTED_ENCODINGS)})", "unsupported_encoding")
 
 
-def image_to_rgb(msg: Any) -> np.ndarray:
-    """sensor_msgs/Image-like -> (H, W, 3) uint8 RGB (a new, contiguous array).
+def check_image(msg: Any) -> tuple[str, int, int, int, np.ndarray]:
+    """Check a sensor_msgs/Image-like's encoding, sizes, step and data length (cheap: no copy).
 
-    Honours ``step`` (row padding); 8-bit encodings only, so ``is_bigendian`` does not matter.
+    Returns:
+        (encoding lower case, height, width, step, data as flat uint8, a view when possible).
 
     Raises:
         ImageError: unsupported encoding, zero size, ``step < width * channels``, or
@@ -86,14 +88,35 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     if data.size != step * height:
         raise ImageError(f"data length {data.size} != step*height = {step}*{height} = "
                          f"{step * height} ({width}x{height} {encoding})", "bad_data_length")
-    # Rows may be padded: view as (H, step), keep the first width*channels bytes of each row.
-    pixels = data.reshape(height, step)[:, : width * channels].reshape(height, width, channels)
+    return enc, height, width, step, data
+
+
+def image_pixels(msg: Any) -> tuple[np.ndarray, str]:
+    """(pixels, encoding): a view of an Image's pixels without the row padding, (H, W, C) or
+    (H, W) for mono8, still in the message's channel order. Raises as ``check_image``."""
+    enc, height, width, step, data = check_image(msg)
+    channels = _CHANNELS[enc]
+    rows = data.reshape(height, step)[:, : width * channels]
+    return (rows if channels == 1 else rows.reshape(height, width, channels)), enc
+
+
+def pixels_to_rgb(pixels: np.ndarray, enc: str) -> np.ndarray:
+    """``image_pixels`` output (or a resized copy of it) -> a new (H, W, 3) uint8 RGB array."""
     code = _TO_RGB[enc]
     if code is None:
         return pixels.copy()  # never alias the message buffer
-    if channels == 1:
-        pixels = pixels[:, :, 0]
     return cv2.cvtColor(np.ascontiguousarray(pixels), code)
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/Image-like -> (H, W, 3) uint8 RGB (a new, contiguous array).
+
+    Honours ``step`` (row padding); 8-bit encodings only, so ``is_bigendian`` does not matter.
+
+    Raises:
+        ImageError: as ``check_image``.
+    """
+    return pixels_to_rgb(*image_pixels(msg))
 
 
 def parse_format(fmt: str) -> tuple[str, str]:
@@ -109,16 +132,9 @@ def parse_format(fmt: str) -> tuple[str, str]:
     return source.strip(), "jpeg" if codec == "jpg" else codec
 
 
-def compressed_to_rgb(msg: Any) -> np.ndarray:
-    """sensor_msgs/CompressedImage-like (JPEG or PNG) -> (H, W, 3) uint8 RGB.
-
-    The image is decoded by its content; the ``format`` string is only used to refuse depth
-    streams early and to name the stream in errors. In particular a "bgr8" in ``format`` does
-    not swap channels: OpenCV always decodes colour to BGR, which is converted to RGB here.
-
-    Raises:
-        ImageError: empty, truncated or undecodable data, 16-bit/float (depth) images.
-    """
+def compressed_data(msg: Any) -> tuple[np.ndarray, str]:
+    """(data as flat uint8, format) of a CompressedImage-like; refuses depth streams and empty
+    data (``depth_image``, ``empty``) before anything is decoded."""
     fmt = str(getattr(msg, "format", "")).strip()
     source, codec = parse_format(fmt)
     if source in _DEPTH_ENCODINGS or codec == "compresseddepth":
@@ -127,24 +143,60 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     data = _as_bytes(msg.data)
     if data.size == 0:
         raise ImageError(f"empty compressed image data (format '{fmt}')", "empty")
-    # libjpeg "decodes" a truncated JPEG with a grey fill and only a warning: check the end marker
-    # (0xFFD9 cannot occur inside entropy-coded data, where 0xFF is always stuffed).
-    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-64:].tobytes():
-        raise ImageError(f"truncated JPEG: no end-of-image marker ({data.size} bytes, "
-                         f"format '{fmt}')", "truncated")
+    return data, fmt
+
+
+def compressed_to_rgb(msg: Any, min_wh: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """sensor_msgs/CompressedImage-like (JPEG or PNG) -> (H, W, 3) uint8 RGB.
+
+    The image is decoded by its content; the ``format`` string is only used to refuse depth
+    streams early and to name the stream in errors (a "bgr8" in it swaps nothing). JPEGs are
+    decoded strictly by libjpeg-turbo (simplejpeg; OpenCV would fill corrupt or missing data
+    grey with only a warning on stderr), reduced by DCT scaling to no less than ``min_wh``
+    (width, height) when given; 16-bit colour keeps its top 8 bits.
+
+    Raises:
+        ImageError: ``empty``, ``truncated``, ``corrupt`` or ``undecodable`` data, 16-bit/float
+            single-channel images (``depth_image``).
+    """
+    data, fmt = compressed_data(msg)
+    if data[:2].tobytes() == b"\xff\xd8":
+        rgb = _strict_jpeg(data, fmt, min_wh)
+        if rgb is not None:
+            return rgb
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise ImageError(f"could not decode compressed image ({data.size} bytes, format "
                          f"'{fmt}'): corrupt, truncated or not JPEG/PNG", "undecodable")
+    if image.dtype == np.uint16 and image.ndim == 3:  # 16-bit colour PNG/TIFF: not depth
+        image = (image >> 8).astype(np.uint8)
     if image.dtype != np.uint8:
-        raise ImageError(f"compressed image decodes to {image.dtype} (format '{fmt}'): "
-                         f"16-bit/float images are depth, depth images are not segmented",
-                         "depth_image")
+        raise ImageError(f"compressed image decodes to one channel of {image.dtype} (format "
+                         f"'{fmt}'): 16-bit/float images are depth, depth images are not "
+                         f"segmented", "depth_image")
     if image.ndim == 2 or image.shape[2] == 1:
         return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _strict_jpeg(data: np.ndarray, fmt: str, min_wh: tuple[int, int]) -> np.ndarray | None:
+    """RGB from libjpeg-turbo with warnings as errors; None for CMYK (left to OpenCV).
+
+    Raises:
+        ImageError: ``truncated`` (the data ends early) or ``corrupt`` (anything else).
+    """
+    raw = data.tobytes()
+    try:
+        if simplejpeg.decode_jpeg_header(raw)[2] in ("CMYK", "YCCK"):
+            return None
+        return simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True,
+                                      min_width=min_wh[0], min_height=min_wh[1])
+    except ValueError as exc:
+        reason = "truncated" if "Premature end of JPEG file" in str(exc) else "corrupt"
+        raise ImageError(f"{reason} JPEG ({data.size} bytes, format '{fmt}'): {exc}",
+                         reason) from None
 
 
 def label_image_fields(label_map: np.ndarray) -> dict[str, Any]:
@@ -175,66 +227,16 @@ def rgb_image_fields(rgb: np.ndarray) -> dict[str, Any]:
                 data=np.ascontiguousarray(rgb).tobytes())
 
 
-def _palette() -> np.ndarray:
-    """(65536, 3) uint8: a fixed, bright colour per id (seeded, so the same on every run)."""
-    rng = np.random.default_rng(0x5E5A)
-    colors = rng.integers(40, 256, size=(65536, 3), dtype=np.uint8)
-    colors[0] = 0
-    return colors
-
-
-_PALETTE = _palette()
-
-
-def overlay_image(rgb: np.ndarray, label_map: np.ndarray, alpha: float = 0.5,
-                  entities: Sequence[Any] | None = None, boxes: bool = False) -> np.ndarray:
-    """Entities painted over the image, boundaries in white; background (0) left as is. The one
-    overlay of the node (C/entity_overlay), ``esam replay --overlay`` and ``esam segment``.
-
-    Args:
-        rgb: (H, W, 3) uint8 RGB.
-        label_map: (H, W) integer ids (0..65535); each id gets the same colour in every frame.
-        alpha: weight of the entity colour in [0, 1].
-        entities: objects with ``id``, ``bbox`` (x, y, w, h) and ``centroid`` (x, y), e.g.
-            ``EntitySegmentation.entities``: their ids are written at their centroids (entities
-            too small for the text are left unlabelled). None: no ids.
-        boxes: also draw each entity's bounding box in its colour (needs ``entities``).
-
-    Returns:
-        (H, W, 3) uint8 RGB.
-    """
-    if rgb.shape[:2] != label_map.shape:
-        raise ValueError(f"image {rgb.shape[:2]} and label map {label_map.shape} differ in size")
-    labels = label_map.astype(np.uint16, copy=False)
-    colors = np.take(_PALETTE, labels, axis=0)  # (5x faster than fancy indexing)
-    blended = cv2.addWeighted(rgb, 1.0 - alpha, colors, alpha, 0.0)
-    out = rgb.copy()
-    cv2.copyTo(blended, cv2.compare(labels, 0, cv2.CMP_GT), out)
-    # Morphological gradient of the id image: non-zero exactly where a 3x3 window sees two ids.
-    edges = cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
-    cv2.add(out, (255, 255, 255, 0), dst=out, mask=cv2.compare(edges, 0, cv2.CMP_GT))
-    if entities:
-        _draw_entities(out, entities, boxes)
-    return out
-
-
-def _draw_entities(out: np.ndarray, entities: Sequence[Any], boxes: bool) -> None:
-    """Ids at the centroids (white on a dark outline, readable on any colour), boxes in place."""
-    h, w = out.shape[:2]
-    scale = float(np.clip(min(h, w) / 800.0, 0.3, 1.5))
-    thick = max(1, int(round(scale * 2)))
-    for e in entities:
-        x, y, bw, bh = (int(v) for v in e.bbox)
-        if boxes:
-            color = tuple(int(c) for c in _PALETTE[int(e.id) % 65536])
-            cv2.rectangle(out, (x, y), (x + bw - 1, y + bh - 1), color, thick)
-        text = str(int(e.id))
-        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-        if tw > bw or th > bh:  # would hide the entity (and its neighbours) under its label
-            continue
-        org = (int(e.centroid[0] - tw / 2), int(e.centroid[1] + th / 2))
-        for color, t in (((0, 0, 0), thick + 2), ((255, 255, 255), thick)):
-            cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, t, cv2.LINE_AA)
+def fitted_size(w: int, h: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of a w x h image scaled down, aspect kept, to at most ``max_pixels``."""
+    scale = (max_pixels / float(h * w)) ** 0.5
+    new_w, new_h = max(1, int(w * scale)), max(1, int(h * scale))
+    while new_w * new_h > max_pixels and (new_w > 1 or new_h > 1):  # float rounding guard
+        if new_w >= new_h:
+            new_w -= 1
+        else:
+            new_h -= 1
+    return new_w, new_h
 
 
 def fit_max_pixels(rgb: np.ndarray, max_pixels: int) -> tuple[np.ndarray, float]:
@@ -247,11 +249,5 @@ def fit_max_pixels(rgb: np.ndarray, max_pixels: int) -> tuple[np.ndarray, float]
     h, w = rgb.shape[:2]
     if max_pixels <= 0 or h * w <= max_pixels:
         return rgb, 1.0
-    scale = (max_pixels / float(h * w)) ** 0.5
-    new_w, new_h = max(1, int(w * scale)), max(1, int(h * scale))
-    while new_w * new_h > max_pixels and (new_w > 1 or new_h > 1):  # float rounding guard
-        if new_w >= new_h:
-            new_w -= 1
-        else:
-            new_h -= 1
+    new_w, new_h = fitted_size(w, h, max_pixels)
     return cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA), new_w / w

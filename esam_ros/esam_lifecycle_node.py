@@ -40,7 +40,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 
 from esam_core.config import ConfigError
 from esam_core.weights import CheckpointError
-from esam_ros.node_params import help_requested, usage_text
+from esam_ros.node_params import help_requested, usage_text, watch_parameters
 from esam_ros.node_runtime import EsamRuntime, StartupError, run
 from esam_ros.node_stats import memory_mb
 
@@ -59,7 +59,7 @@ class EsamLifecycleNode(EsamRuntime, LifecycleNode):
     """
 
     def __init__(self, params_files: list[str] | None = None, **kwargs: Any) -> None:
-        super().__init__(NODE_NAME, **kwargs)
+        super().__init__(NODE_NAME, **{"allow_undeclared_parameters": True, **kwargs})
         self._init_runtime(params_files, kwargs.get("cli_args"))
         self._watching_params = False
         self.last_error = ""
@@ -82,7 +82,7 @@ class EsamLifecycleNode(EsamRuntime, LifecycleNode):
         try:
             self._declare()
             if not self._watching_params:  # after declaring: declaring calls the callback too
-                self.add_on_set_parameters_callback(self._on_set_parameters)
+                watch_parameters(self, self._on_set_parameters)
                 self._watching_params = True
             self._load_model()
         except ConfigError as exc:

@@ -25,7 +25,7 @@ from typing import Any
 from rclpy.node import Node
 
 from esam_ros.node_depth import entity_array, image_msg
-from esam_ros.node_params import help_requested, usage_text
+from esam_ros.node_params import help_requested, usage_text, watch_parameters
 from esam_ros.node_runtime import EsamRuntime, run
 from esam_ros.node_worker import CameraState
 
@@ -39,12 +39,14 @@ class EsamNode(EsamRuntime, Node):
 
     def __init__(self, segmenter: Any = None, params_files: list[str] | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(NODE_NAME, **kwargs)
+        # Undeclared names reach the parameter callback, which refuses them by name (rclpy
+        # would say "undeclared parameter(s): []").
+        super().__init__(NODE_NAME, **{"allow_undeclared_parameters": True, **kwargs})
         self._init_runtime(params_files, kwargs.get("cli_args"))
         try:
             self._declare()
             self._load_model(segmenter)  # the slow part: load SAM before anything is advertised
-            self.add_on_set_parameters_callback(self._on_set_parameters)
+            watch_parameters(self, self._on_set_parameters)
             self._start_io()
         except BaseException:
             self.destroy_node()

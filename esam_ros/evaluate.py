@@ -11,7 +11,6 @@ results file without a model) is ``esam_ros.cmd_eval``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import logging
@@ -27,6 +26,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
+
+from esam_ros.eval_gt import checked_dataset
 
 log = logging.getLogger("esam.eval")
 
@@ -53,22 +54,18 @@ def prepare_ground_truth(dataset: dict[str, Any]) -> GroundTruth:
     ``skipped``; missing ``iscrowd`` becomes 0 and missing ``area`` is computed from the mask.
 
     Raises:
-        ValueError: no images, duplicate image ids, or an image without height/width.
+        ValueError: a file that cannot be used (``eval_gt.checked_dataset``), duplicate image
+            ids, or no usable annotation at all.
     """
-    images = copy.deepcopy(dataset.get("images") or [])
-    if not images:
-        raise ValueError("annotation file has no images")
+    images, annotations, skipped = checked_dataset(dataset)
     new_ids: dict[Any, int] = {}
     for i, img in enumerate(images, start=1):
         if img.get("id") in new_ids:
             raise ValueError(f"duplicate image id {img.get('id')!r}")
-        if "height" not in img or "width" not in img:
-            raise ValueError(f"image {img.get('file_name', img.get('id'))!r} lacks height/width")
         new_ids[img.get("id")] = i
         img["id"] = i
-    skipped: list[str] = []
     anns = []
-    for ann in copy.deepcopy(dataset.get("annotations") or []):
+    for ann in annotations:
         if ann.get("image_id") not in new_ids:
             skipped.append(f"annotation {ann.get('id')!r}: unknown image_id "
                            f"{ann.get('image_id')!r}")
@@ -98,6 +95,9 @@ def prepare_ground_truth(dataset: dict[str, Any]) -> GroundTruth:
             continue
         ann.setdefault("area", area)
         kept.append(ann)
+    if not kept:
+        raise ValueError(f"no usable annotation ({len(skipped)} left out"
+                         + (f"; first: {skipped[0]})" if skipped else ")"))
     for i, ann in enumerate(kept, start=1):
         ann["id"] = i
     gt.dataset["annotations"] = kept
@@ -210,7 +210,8 @@ def evaluate_segmenter(segmenter: Any, gt: GroundTruth, images_dir: Path, max_de
         seconds.append(time.perf_counter() - t0)
         label_map = seg.label_map
         if label_map.shape != (img["height"], img["width"]):  # evaluate at the GT's resolution
-            resized.append(img["file_name"])
+            resized.append(f"{img['file_name']} (annotated {img['width']}x{img['height']}, file "
+                           f"{label_map.shape[1]}x{label_map.shape[0]})")
             label_map = cv2.resize(label_map.astype(np.uint16), (img["width"], img["height"]),
                                    interpolation=cv2.INTER_NEAREST)
         scores = {int(e.id): float(e.score) for e in seg.entities}

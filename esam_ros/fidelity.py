@@ -258,8 +258,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_options(p)
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     p.add_argument("--generated", type=int, default=3, help="generated scenes per seed")
-    p.add_argument("--coco", type=Path, help="also COCO instance annotations of photographs (default: none)")
-    p.add_argument("--images", type=Path, help="folder of the --coco images (default: the annotation file's folder)")
+    p.add_argument("--coco", type=Path,
+                   help="also COCO instance annotations of photographs (default: none)")
+    p.add_argument("--images", type=Path,
+                   help="folder of the --coco images (default: the annotation file's folder)")
     p.add_argument("--rows", choices=("core", "all"), default="all",
                    help="core = AMG, SAM^O, E-SAM; all = also Table 3 and every switch")
     p.add_argument("--columns", default=",".join(COLUMNS), help="failure columns to run")

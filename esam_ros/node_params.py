@@ -49,6 +49,10 @@ NODE_PARAMETERS: dict[str, Param] = {
                                 max=3600.0, dynamic=False),
     "log_throttle_s": Param(5.0, "bad-frame warnings of one reason at most this often (s)",
                             min=0.0, max=3600.0),
+    "shutdown_timeout_s": Param(3.0, "on Ctrl-C, SIGTERM or deactivate the frame in flight is "
+                                "cancelled at its next stage boundary; a process exits after "
+                                "waiting at most this long (s) for it (a second signal: at once)",
+                                min=0.0, max=600.0),
     "depth.max_wait_s": Param(0.1, "while the newest depth frame is older than the colour "
                               "frame, wait this long (s) for a nearer one", min=0.0, max=10.0),
 }
@@ -67,7 +71,7 @@ def check_value(name: str, value: Any) -> Any:
     if name in PARAMETERS:
         return validate_value(name, value)
     if name == "cameras":
-        cams = list(value)
+        cams = list(value) if isinstance(value, (list, tuple)) else []  # [] arrives as None
         bad = [c for c in cams if not isinstance(c, str) or (c and not _NAMESPACE_RE.match(c))]
         if not cams or bad:
             raise ConfigError(f"parameter 'cameras' = {cams!r}: expected a non-empty list of "
@@ -75,17 +79,17 @@ def check_value(name: str, value: Any) -> Any:
         if len(set(cams)) != len(cams):
             raise ConfigError(f"parameter 'cameras' = {cams!r}: names must be unique")
         return cams
-    p = NODE_PARAMETERS[name]
-    if p.choices is not None and value not in p.choices:
-        raise ConfigError(f"parameter '{name}' = {value!r}: expected one of {list(p.choices)}")
-    if p.min is not None and not p.min <= value <= p.max:
-        raise ConfigError(f"parameter '{name}' = {value!r} is out of range [{p.min}, {p.max}]")
-    return value
+    return validate_value(name, value, NODE_PARAMETERS)
 
 
 def descriptor(name: str, p: Param) -> ParameterDescriptor:
-    """The ROS descriptor of one parameter: description, range or choices, read-only flag."""
-    d = ParameterDescriptor(name=name, description=p.description, read_only=not p.dynamic)
+    """The ROS descriptor of one parameter: description, range or choices, read-only flag.
+
+    Typed dynamically: rclpy's own type check would refuse an integer for a float (``emr.delta
+    0``) and name types by number ("expected '3' got '2'"); ``check_value`` checks the type.
+    """
+    d = ParameterDescriptor(name=name, description=p.description, read_only=not p.dynamic,
+                            dynamic_typing=True)
     if p.choices is not None:
         d.additional_constraints = "one of: " + ", ".join(p.choices)
     if p.min is not None and isinstance(p.default, float):
@@ -113,10 +117,9 @@ def declare_all(node: Node) -> dict[str, Any]:
         default = list(p.default) if isinstance(p.default, (list, tuple)) else p.default
         try:
             param = node.declare_parameter(name, default, descriptor(name, p))
-        except InvalidParameterTypeException as exc:
-            text = str(exc).removesuffix(f": {name}")
-            hint = " (write floats with a decimal point: 1.0)" if "'INTEGER'" in text else ""
-            raise ConfigError(f"parameter '{name}': {text}{hint}") from None
+        except InvalidParameterTypeException as exc:  # not with dynamic typing; kept for safety
+            raise ConfigError(f"parameter '{name}': {str(exc).removesuffix(f': {name}')}") \
+                from None
         except InvalidParameterValueException as exc:
             text = str(exc).removesuffix(f": {name}")
             raise ConfigError(f"parameter '{name}': {text.partition('Reason: ')[2] or text}") \
@@ -161,11 +164,37 @@ def check_params_files(files: Sequence[str], fqn: str) -> None:
             raise ConfigError(no_section_error(path, fqn, list(parameter_sections(doc))))
 
 
-def changes_from(params: list[Parameter]) -> dict[str, Any]:
-    """Validate a set-parameters request; returns ``{name: value}`` or raises ConfigError."""
+def watch_parameters(node: Node, on_set: Any) -> None:
+    """Register ``on_set`` (validates, see ``changes_from``) and, where rclpy has it (Iron and
+    later), a pre-set callback that stores an integer given to a float parameter as a float."""
+    node.add_on_set_parameters_callback(on_set)
+    if hasattr(node, "add_pre_set_parameters_callback"):
+        node.add_pre_set_parameters_callback(_ints_as_floats)
+
+
+def _ints_as_floats(params: list[Parameter]) -> list[Parameter]:
+    out = []
+    for param in params:
+        p = ALL_PARAMETERS.get(param.name)
+        if (p is not None and isinstance(p.default, float)
+                and param.type_ == Parameter.Type.INTEGER):
+            param = Parameter(param.name, Parameter.Type.DOUBLE, float(param.value))
+        out.append(param)
+    return out
+
+
+def changes_from(params: list[Parameter], declared: Any = None) -> dict[str, Any]:
+    """Validate a set-parameters request; returns ``{name: value}`` or raises ConfigError.
+
+    ``declared(name)``: whether the node declared ``name`` itself (``use_sim_time``, ...);
+    any other unknown name is refused (the node allows undeclared names to say so clearly).
+    """
     changes: dict[str, Any] = {}
     for param in params:
         if param.name not in ALL_PARAMETERS:
+            if declared is not None and not declared(param.name):
+                raise ConfigError(f"unknown parameter '{param.name}' (typo? `ros2 param list "
+                                  f"/esam_node` shows them all)")
             continue  # use_sim_time and other parameters rclpy declares itself
         if not ALL_PARAMETERS[param.name].dynamic:
             raise ConfigError(f"parameter '{param.name}' is read-only while the node runs")

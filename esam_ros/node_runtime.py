@@ -18,6 +18,7 @@ import functools
 import gc
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
@@ -40,6 +42,7 @@ from esam_ros.node_params import (
     ros_params_files,
     undeclared_overrides,
 )
+from esam_ros.node_shutdown import bounded_stop
 from esam_ros.node_stats import NodeStats
 from esam_ros.node_worker import CameraState, FrameWorker
 
@@ -146,11 +149,13 @@ class EsamRuntime(FrameWorker):
 
     def _start_io(self) -> None:
         """Subscriptions, publishers, the /diagnostics timer, then the worker thread."""
+        self._stop_worker()  # exactly one worker: a previous one must be gone first
         for cam in self.cameras.values():
             cam.slot = None  # nothing left over from before a deactivate
         self._create_io()
-        self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="esam_worker", daemon=True)
+        stop = self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, args=(stop,), name="esam_worker",
+                                        daemon=True)
         self._worker.start()
 
     def _create_io(self) -> None:
@@ -177,19 +182,40 @@ class EsamRuntime(FrameWorker):
                 setattr(cam, attr, self.create_publisher(mtype, topic(cam.name, out), qos_out))
                 self._io.append((self.destroy_publisher, getattr(cam, attr)))
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        timer = self.create_timer(self.params["diagnostics_period"], self._publish_diagnostics)
+        # A steady clock: with use_sim_time and no /clock (yet) the node clock stands still.
+        timer = self.create_timer(self.params["diagnostics_period"], self._publish_diagnostics,
+                                  clock=Clock(clock_type=ClockType.STEADY_TIME))
         self._io += [(self.destroy_publisher, self._diag_pub), (self.destroy_timer, timer)]
 
-    def _stop_worker(self) -> None:
-        """Stop the worker, letting a frame in flight finish."""
+    def _stop_worker(self, timeout: float | None = None) -> bool:
+        """Stop the worker: its frame in flight is cancelled at the next stage boundary.
+
+        Logs what it waits for. ``timeout``: give up after this long (process shutdown); None
+        waits until the worker is gone (transitions: never two workers, nor one using a
+        released model), saying so every ``shutdown_timeout_s``. Returns whether it is gone.
+        """
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join(timeout=30.0)
+        worker = self._worker
+        if worker is None or worker is threading.current_thread() or not worker.is_alive():
+            return True
+        step = max(self.params.get("shutdown_timeout_s", 3.0), 0.1)
+        t0 = time.perf_counter()
+        while worker.is_alive():
+            busy = self._busy_text()
+            if busy:
+                limit = "" if timeout is None else f" (at most {timeout:.1f} s)"
+                self.get_logger().info(f"stopping: waiting for {busy} to stop at its next "
+                                       f"stage boundary{limit}")
+            left = step if timeout is None else timeout - (time.perf_counter() - t0)
+            if left <= 0:
+                return False
+            _join(worker, min(step, left))
+        return True
 
     def _stop_io(self) -> None:
-        """Stop the worker, then destroy everything ``_start_io`` created (track ids included)."""
+        """Stop the worker (cancelling its frame), then destroy what ``_start_io`` created."""
         self._stop_worker()
         self._worker = None
         for destroy, entity in reversed(self._io):
@@ -203,7 +229,7 @@ class EsamRuntime(FrameWorker):
 
     def _on_set_parameters(self, params: list) -> SetParametersResult:
         try:
-            changes = changes_from(params)
+            changes = changes_from(params, self.has_parameter)
         except ConfigError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         esam = {k: v for k, v in changes.items() if k in PARAMETERS}
@@ -224,6 +250,13 @@ class EsamRuntime(FrameWorker):
         for cam_name, (reason, text) in self.stats.input_problems().items():
             cam = self.cameras[cam_name]
             self._warn(cam, reason, f"'{cam.input_topic}': {text}")
+
+
+def _join(thread: threading.Thread, timeout: float) -> None:
+    """``thread.join(timeout)`` in short steps (signal handlers run between them)."""
+    deadline = time.perf_counter() + timeout
+    while thread.is_alive() and (left := deadline - time.perf_counter()) > 0:
+        thread.join(min(left, 0.1))
 
 
 def run(make_node: Callable[..., Any], name: str, args: list[str] | None) -> int:
@@ -256,6 +289,7 @@ def run(make_node: Callable[..., Any], name: str, args: list[str] | None) -> int
         code = 1
     finally:
         if node is not None:
+            bounded_stop(node, logger)  # exits at once if the frame in flight does not stop
             node.destroy_node()
         rclpy.try_shutdown()
     return code

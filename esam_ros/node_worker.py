@@ -4,7 +4,8 @@ input per camera, the worker thread, decoding, E-SAM, annotation and publishing.
 Threading: subscription callbacks only store the newest message of their camera (one slot; a
 replaced, unprocessed message counts as dropped). One worker thread runs E-SAM on the newest frame
 of the camera served longest ago, so the executor stays free for parameters and services and no
-camera starves.
+camera starves. Stopping (shutdown, deactivate) sets the worker's own stop event, which also
+cancels the frame in flight at its next stage boundary (``EntitySegmenter.segment(cancel=)``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from typing import Any
 from sensor_msgs.msg import CompressedImage
 
 from esam_core.config import Config
+from esam_core.pipeline import Cancelled
 from esam_ros import conversions
 from esam_ros.conversions import ImageError
+from esam_ros.frame_decode import check_frame, decode_frame
 from esam_ros.node_depth import CameraSpatial, entity_array, image_msg, stamp_s
+from esam_ros.overlay import overlay_image
 
 
 class CameraState:
@@ -50,11 +54,24 @@ class FrameWorker:
     _cfg_dirty: bool
     _last_log: dict[tuple[str, str], float]
     _downscale_logged: set[str]
+    #: (camera, frame_id, perf_counter at start) of the frame in flight, None when idle.
+    _busy: tuple[str, str, float] | None = None
 
     # --- executor side: a cheap callback only -----------------------------------------------
 
     def _on_image(self, cam: CameraState, msg: Any) -> None:
+        """Refuse (and count) what is cheap to see is bad, so it never displaces a good frame
+        waiting in the slot; store the rest."""
         now = time.perf_counter()
+        try:
+            check_frame(msg, isinstance(msg, CompressedImage), self.params["max_image_pixels"],
+                        self.params["oversize_policy"])
+        except ImageError as exc:
+            # It did arrive: its stamp still tells the input-loss estimate (unless it is bad).
+            self.stats.received(cam.name, False,
+                                None if exc.reason == "bad_stamp" else stamp_s(msg.header))
+            self._bad_frame(cam, exc.reason, str(exc))
+            return
         with self._cond:
             replaced = cam.slot is not None
             cam.slot = (msg, now)
@@ -63,10 +80,11 @@ class FrameWorker:
 
     # --- worker thread ------------------------------------------------------------------------
 
-    def _next_frame(self) -> tuple[CameraState, Any, float, Config | None] | None:
+    def _next_frame(self, stop: threading.Event
+                    ) -> tuple[CameraState, Any, float, Config | None] | None:
         """Wait for a frame; take the newest one of the camera served longest ago."""
         with self._cond:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 waiting = [c for c in self.cameras.values() if c.slot is not None]
                 if waiting:
                     cam = min(waiting, key=lambda c: c.last_served)
@@ -77,34 +95,43 @@ class FrameWorker:
                 self._cond.wait(timeout=0.5)
         return None
 
-    def _work(self) -> None:
-        while (item := self._next_frame()) is not None:
+    def _work(self, stop: threading.Event) -> None:
+        """The worker thread; ``stop`` is its own event (a later worker gets a new one)."""
+        while (item := self._next_frame(stop)) is not None:
             cam, msg, t_recv, cfg = item
+            self._busy = (cam.name, str(msg.header.frame_id), time.perf_counter())
             try:
                 if cfg is not None:
                     self.segmenter.set_config(cfg)
                     for c in self.cameras.values():
                         c.spatial.set_config(cfg)
-                self._process(cam, msg, t_recv)
+                self._process(cam, msg, t_recv, stop)
+            except Cancelled:
+                self.get_logger().info(f"camera '{cam.name or '/'}': frame "
+                                       f"'{msg.header.frame_id}' cancelled (stopping)")
+                return
             except Exception as exc:  # never let one frame kill the worker
-                if self._stop.is_set():
+                if stop.is_set():
                     return  # publishers are going away during shutdown
                 self._bad_frame(cam, "node_error", f"{type(exc).__name__}: {exc}")
                 self.get_logger().debug(traceback.format_exc())
+            finally:
+                self._busy = None
+
+    def _busy_text(self) -> str:
+        """What the worker is doing, for the shutdown log ('' when idle)."""
+        busy = self._busy
+        if busy is None:
+            return ""
+        return (f"the frame in flight (camera '{busy[0] or '/'}', frame_id '{busy[1]}', "
+                f"{time.perf_counter() - busy[2]:.1f} s in E-SAM)")
 
     def _to_rgb(self, cam: CameraState, msg: Any) -> Any:
-        """Decode and size-check one frame; raises ImageError (with a reason) when refused."""
-        if isinstance(msg, CompressedImage):
-            rgb = conversions.compressed_to_rgb(msg)
-        else:
-            rgb = conversions.image_to_rgb(msg)
+        """Decode one frame within max_image_pixels; raises ImageError (with a reason)."""
         limit = self.params["max_image_pixels"]
-        h, w = rgb.shape[:2]
-        if limit and h * w > limit:
-            if self.params["oversize_policy"] == "refuse":
-                raise ImageError(f"frame {w}x{h} = {w * h} px exceeds max_image_pixels {limit} "
-                                 f"(oversize_policy: refuse)", "oversize")
-            rgb, _ = conversions.fit_max_pixels(rgb, limit)
+        rgb, (w, h) = decode_frame(msg, isinstance(msg, CompressedImage), limit,
+                                   self.params["oversize_policy"])
+        if rgb.shape[:2] != (h, w):
             self.stats.downscaled(cam.name)
             if cam.name not in self._downscale_logged:
                 self._downscale_logged.add(cam.name)
@@ -113,7 +140,8 @@ class FrameWorker:
                     f"{limit}; downscaled to {rgb.shape[1]}x{rgb.shape[0]} (outputs at that size)")
         return rgb
 
-    def _process(self, cam: CameraState, msg: Any, t_recv: float) -> None:
+    def _process(self, cam: CameraState, msg: Any, t_recv: float,
+                 stop: threading.Event | None = None) -> None:
         t0 = time.perf_counter()
         try:
             rgb = self._to_rgb(cam, msg)
@@ -122,7 +150,12 @@ class FrameWorker:
             return
         t1 = time.perf_counter()
         try:
-            result = self.segmenter.segment(rgb)
+            result = self.segmenter.segment(rgb, cancel=stop)
+            if result.label_map.shape != rgb.shape[:2]:  # never publish another frame's answer
+                raise RuntimeError(f"label map {result.label_map.shape} for a frame of "
+                                   f"{rgb.shape[:2]}")
+        except Cancelled:
+            raise
         except Exception as exc:  # one bad frame must not stop the node
             self._bad_frame(cam, "esam_error", f"E-SAM failed: {type(exc).__name__}: {exc}")
             self.get_logger().debug(traceback.format_exc())
@@ -143,7 +176,7 @@ class FrameWorker:
         cam.pub_entities.publish(entity_array(header, result))
         cam.pub_labels.publish(label_msg)
         if self.params["publish_overlay"] and cam.pub_overlay.get_subscription_count() > 0:
-            overlay = conversions.overlay_image(
+            overlay = overlay_image(
                 rgb, labels, self.params["overlay_alpha"],
                 result.entities if self.params["overlay_ids"] else None,
                 boxes=self.params["overlay_boxes"])

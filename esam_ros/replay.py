@@ -25,25 +25,18 @@ from esam_core.config import Config, load_config
 from esam_core.depth import DepthError
 from esam_core.spatial import EntityAnnotator
 from esam_ros import __version__
-from esam_ros.bag_io import (
-    COMPRESSED,
-    ENTITY_ARRAY,
-    IMAGE,
-    IMAGE_TYPES,
-    BagError,
-    BagMessage,
-    BagReader,
-    OutputBag,
-)
+from esam_ros.bag_io import IMAGE, IMAGE_TYPES, BagError, BagMessage, BagReader
 from esam_ros.bag_io import output_topics as name_outputs
+from esam_ros.bag_writer import ENTITY_ARRAY, OutputBag
 from esam_ros.conversions import (
     ImageError,
     compressed_to_rgb,
     image_to_rgb,
     label_image_fields,
-    overlay_image,
     rgb_image_fields,
 )
+from esam_ros.frame_decode import check_stamp
+from esam_ros.overlay import overlay_image
 from esam_ros.replay_depth import (
     CameraInfos,
     DepthPairing,
@@ -59,11 +52,10 @@ TEST_TINY_YAML = default_config("test_tiny.yaml")
 
 def decode_image(msg: Any, msgtype: str) -> np.ndarray:
     """Image or CompressedImage -> (H, W, 3) uint8 RGB; ``ImageError`` says why not."""
-    if msgtype == IMAGE:
-        return image_to_rgb(msg)
-    if msgtype == COMPRESSED:
-        return compressed_to_rgb(msg)
-    raise ImageError(f"unsupported message type {msgtype}", "unsupported_type")
+    if msgtype not in IMAGE_TYPES:
+        raise ImageError(f"unsupported message type {msgtype}", "unsupported_type")
+    check_stamp(msg.header)  # nanosec >= 1e9 would make the next frame look older
+    return image_to_rgb(msg) if msgtype == IMAGE else compressed_to_rgb(msg)
 
 
 class _Run:
@@ -185,7 +177,7 @@ def replay(bag: str | Path, out: str | Path, segmenter: Any, cfg: Config,
         for colour, depth in depth_of.items():
             procs[colour].pairing = DepthPairing(cfg["depth.sync_tolerance_s"],
                                                  cfg["depth.sync_queue"], reader.count([depth]))
-        error = None
+        error = reader.damage  # a cut-off recording: what it holds is processed, then failed
         with OutputBag(out, storage) as writer:
             infos: dict[str, CameraInfos] = {}
             for topic in sorted({t for t in info_of.values() if t}):  # small: read them first
@@ -204,7 +196,7 @@ def replay(bag: str | Path, out: str | Path, segmenter: Any, cfg: Config,
                             bar.update(1)
                             run.handle(frame, depth_bm)
                 except BagError as exc:
-                    error = str(exc)
+                    error = "; ".join(filter(None, [error, str(exc)]))
                 for proc in procs.values():  # the end of the bag makes every pairing final
                     for frame, depth_bm in proc.pairing.ready(final=True) if proc.pairing else []:
                         bar.update(1)

@@ -180,3 +180,53 @@ def test_segment_refuses_a_16_bit_depth_png_and_converts_16_bit_colour(tmp_path,
     assert "depth.png: single-channel uint16 image (depth" in captured.out + captured.err
     assert not (tmp_path / "o" / "depth_labels.png").exists()
     assert (tmp_path / "o" / "deep_colour_labels.png").is_file()
+
+
+def _image(path, h=24, w=32, gray=False):
+    rng = np.random.default_rng(h * w)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write(path, rng.integers(0, 255, size=(h, w) if gray else (h, w, 3), dtype=np.uint8))
+
+
+def test_segment_reports_each_bad_file_in_one_line_and_goes_on(tmp_path, capsys):
+    good, gray = _image(tmp_path / "good.jpg"), _image(tmp_path / "gray.jpg", gray=True)
+    zero = tmp_path / "zero.png"
+    zero.write_bytes(b"")
+    out = tmp_path / "out"
+    code = main(["segment", str(good), str(zero), str(gray), "--config", TINY, "--out", str(out)])
+    assert code == 1
+    text = capsys.readouterr()
+    lines = [x for x in (text.out + text.err).splitlines() if "zero.png" in x]
+    assert lines == [f"skipped {zero}: {zero}: empty file (0 bytes)"], lines
+    assert (out / "good_labels.png").exists() and (out / "gray_labels.png").exists()
+    assert "2 of 3 images segmented" in text.out
+
+
+def test_same_stems_from_two_folders_keep_both_outputs(tmp_path, capsys):
+    a, b = _image(tmp_path / "x1" / "img.jpg", 24, 32), _image(tmp_path / "x2" / "img.jpg", 16, 40)
+    same = _image(tmp_path / "x2" / "img.png", 20, 20)
+    out = tmp_path / "out"
+    args = ["segment", str(a), str(b), str(same), "--config", TINY, "--out", str(out)]
+    assert main(args) == 0
+    for name, hw in (("x1/img", (24, 32)), ("x2/img_jpg", (16, 40)), ("x2/img_png", (20, 20))):
+        assert cv2.imread(str(out / f"{name}_labels.png"), cv2.IMREAD_UNCHANGED).shape == hw
+        assert json.loads((out / f"{name}_entities.json").read_text())["height"] == hw[0]
+    capsys.readouterr()
+    assert main(args) == 0  # again: the outputs are replaced, and it says so
+    text = capsys.readouterr()
+    assert (text.out + text.err).count("replaced the outputs of an earlier run") == 3
+
+
+def test_segment_a_directory_segments_its_images(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    _image(folder / "b.png"), _image(folder / "a.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "--config", TINY, "--out", str(out)]) == 0
+    assert (out / "a_labels.png").exists() and (out / "b_labels.png").exists()
+    text = capsys.readouterr().out
+    assert text.index("a.jpg") < text.index("b.png")  # in name order
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["segment", str(empty), "--config", TINY, "--out", str(out)]) == 1
+    assert "is a directory without images" in capsys.readouterr().out

@@ -18,10 +18,10 @@ from esam_ros.conversions import (
     fit_max_pixels,
     image_to_rgb,
     label_image_fields,
-    overlay_image,
     parse_format,
     rgb_image_fields,
 )
+from esam_ros.overlay import overlay_image
 
 RNG = np.random.default_rng(7)
 RGB = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)

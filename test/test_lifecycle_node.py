@@ -157,6 +157,45 @@ def test_activate_again_reloads_and_applies_parameters_set_while_inactive(
     np.testing.assert_array_equal(labels_of(labels), _first["labels"])
 
 
+def test_deactivate_during_a_slow_frame_cancels_it_and_one_worker_serves_after(
+        managed: Harness) -> None:
+    """Deactivate while a frame runs (48x48 prompts: about a minute here): the transition
+    cancels the frame instead of releasing the model under it, the worker is gone when it
+    returns, activate starts exactly one worker, and every label image published has the size
+    of the frame whose header it carries."""
+    esam = managed.esam
+    for _ in range(2):  # a copy resent by the tests before must not run under the big grid
+        wait_for(lambda: esam._busy is None and esam.cameras[""].slot is None,
+                 "the frames of the tests before to be done", timeout=60.0)
+        time.sleep(0.5)
+    (ok,) = set_params(managed, {"mmg.points_per_side": 48})
+    assert ok.successful, ok.reason
+    slow = image_msg(scene(96, 128), "rgb8", "race_slow_96x128")
+    before = esam.stats.snapshot("")["received"]
+    wait_for(lambda: managed.pubs[""].publish(slow) or esam.stats.snapshot("")["received"] > before,
+             "the slow frame to arrive", timeout=60.0)
+    wait_for(lambda: esam.cameras[""].slot is None, "the worker to take the slow frame")
+    worker = esam._worker
+    t0 = time.monotonic()
+    assert change(managed.node, "deactivate")
+    elapsed = time.monotonic() - t0
+    assert not worker.is_alive() and esam.segmenter is None
+    assert elapsed < 15.0, f"deactivate waited {elapsed:.1f} s for the frame"
+    (ok,) = set_params(managed, {"mmg.points_per_side": 4})
+    assert ok.successful
+    assert change(managed.node, "activate")
+    assert [t for t in threading.enumerate() if t.name == "esam_worker"] == [esam._worker]
+    for i, (h, w) in enumerate([(48, 64), (40, 56), (48, 64)]):
+        sent = image_msg(scene(h, w), "rgb8", f"race_{i}_{h}x{w}")
+        check_outputs(sent, *managed.send("", sent), (h, w))
+    with managed.lock:
+        labels = {f: m for f, m in managed.outputs.get("/entity_labels", {}).items()
+                  if f.startswith("race_")}
+    assert "race_slow_96x128" not in labels  # cancelled, not published late
+    for frame_id, msg in labels.items():
+        assert frame_id.endswith(f"_{msg.height}x{msg.width}"), frame_id
+
+
 def test_cleanup_configure_again_and_shutdown_with_frames_in_flight(managed: Harness) -> None:
     esam = managed.esam
     assert not change(managed.node, "cleanup")  # not a transition of 'active'

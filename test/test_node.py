@@ -188,18 +188,23 @@ def _context_and_node(overrides: dict[str, Any]) -> tuple[Any, Any]:
     return context, EsamNode(context=context, parameter_overrides=params)
 
 
-@pytest.fixture(scope="module")
-def raw() -> Iterator[Harness]:
-    """One node, two cameras, raw input (module scope: the model is built once)."""
+def serve(overrides: dict[str, Any], cameras: list[str], compressed: bool) -> Iterator[Harness]:
+    """An EsamNode (params file test_tiny + ``overrides``) and its client harness, then teardown."""
     import rclpy
 
-    cams = ["cam_a", "cam_b"]
-    context, node = _context_and_node({"cameras": cams, "diagnostics_period": 0.2})
-    harness = Harness(context, node, cams, compressed=False)
+    context, node = _context_and_node(overrides)
+    harness = Harness(context, node, cameras, compressed=compressed)
     yield harness
     harness.close()
     node.destroy_node()
     rclpy.shutdown(context=context)
+
+
+@pytest.fixture(scope="module")
+def raw() -> Iterator[Harness]:
+    """One node, two cameras, raw input (module scope: the model is built once)."""
+    cams = ["cam_a", "cam_b"]
+    yield from serve({"cameras": cams, "diagnostics_period": 0.2}, cams, compressed=False)
 
 
 @pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "mono8"])
@@ -324,11 +329,11 @@ def test_exception_inside_esam_is_counted(raw: Harness) -> None:
         def __init__(self) -> None:
             self.failed = False
 
-        def segment(self, rgb: np.ndarray) -> Any:
+        def segment(self, rgb: np.ndarray, cancel: Any = None) -> Any:
             if not self.failed:
                 self.failed = True
                 raise RuntimeError("simulated failure")
-            return real.segment(rgb)
+            return real.segment(rgb, cancel)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(real, name)
@@ -342,21 +347,26 @@ def test_exception_inside_esam_is_counted(raw: Harness) -> None:
         raw.esam.segmenter = real
 
 
+class Held:
+    """A segmenter that holds the worker inside segment() until ``release`` is set."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.entered, self.release = real, threading.Event(), threading.Event()
+
+    def segment(self, rgb: np.ndarray, cancel: Any = None) -> Any:
+        self.entered.set()
+        self.release.wait(timeout=60.0)
+        return self.real.segment(rgb, cancel)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
 def test_parameters_answer_while_inference_runs(raw: Harness) -> None:
     """The worker is inside segment() (held there by the test): services still answer."""
     real = raw.esam.segmenter
-    entered, release = threading.Event(), threading.Event()
-
-    class Held:
-        def segment(self, rgb: np.ndarray) -> Any:
-            entered.set()
-            release.wait(timeout=60.0)
-            return real.segment(rgb)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
-
-    raw.esam.segmenter = Held()
+    held = raw.esam.segmenter = Held(real)
+    entered, release = held.entered, held.release
     try:
         raw.pubs["cam_a"].publish(image_msg(scene(), "rgb8", "held"))
         assert entered.wait(timeout=30.0), "the frame never reached the segmenter"
@@ -429,15 +439,8 @@ def test_shutdown_with_frames_in_flight(raw: Harness) -> None:
 
 @pytest.fixture(scope="module")
 def compressed() -> Iterator[Harness]:
-    import rclpy
-
-    context, node = _context_and_node({"input_transport": "compressed",
-                                       "diagnostics_period": 0.2})
-    harness = Harness(context, node, [""], compressed=True)
-    yield harness
-    harness.close()
-    node.destroy_node()
-    rclpy.shutdown(context=context)
+    yield from serve({"input_transport": "compressed", "diagnostics_period": 0.2}, [""],
+                     compressed=True)
 
 
 def compressed_msg(rgb: np.ndarray, ext: str, frame_id: str, fmt: str) -> Any:
@@ -488,7 +491,7 @@ def test_missing_checkpoint_is_fatal_with_path_and_fix(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("line, words", [
     ("      theta_o: 1.5", ["mmg.theta_o", "1.5"]),
-    ("      theta_o: 'high'", ["mmg.theta_o", "type"]),
+    ("      theta_o: 'high'", ["mmg.theta_o", "expected a number"]),
     ("      nms_iou: circle", ["mmg.nms_iou", "circle"]),
 ])
 def test_invalid_parameter_file_fails_cleanly(tmp_path: Path, line: str, words: list[str]) -> None:

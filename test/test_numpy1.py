@@ -21,7 +21,8 @@ import numpy as np, cv2
 assert np.__version__.startswith("1."), np.__version__
 from esam_core.config import load_config
 from esam_core.pipeline import EntitySegmenter
-from esam_ros.conversions import image_to_rgb, overlay_image
+from esam_ros.conversions import image_to_rgb
+from esam_ros.overlay import overlay_image
 from esam_ros.msg import EntityArray
 from esam_ros.node_depth import entity_array
 from sensor_msgs.msg import CameraInfo, Image

@@ -124,3 +124,31 @@ def test_real_sam_test_tiny_end_to_end(mode):
     result = EntitySegmenter(cfg).segment(rgb)
     check_result(result, (48, 64))
     assert result.timings["total"] > 0
+
+
+def test_cancel_event_same_answer_unset_and_stops_at_a_stage_boundary():
+    """With an unset cancel event the answer is the same (decoded batch by batch); once set,
+    segment raises Cancelled at the next stage or decoder batch (a node shutting down)."""
+    import threading
+
+    from esam_core.pipeline import Cancelled
+
+    scene = random_scene(72, 96, n_objects=8, seed=3)
+    rgb = scene.render()
+    cfg = Config({**SMALL, "model.points_per_batch": 5})  # many batches per decode
+    plain = EntitySegmenter(cfg, SceneBackend(scene)).segment(rgb)
+    event = threading.Event()
+    batched = EntitySegmenter(cfg, SceneBackend(scene)).segment(rgb, cancel=event)
+    np.testing.assert_array_equal(batched.label_map, plain.label_map)
+    assert batched.counts == plain.counts
+
+    class CancelDuringDecode(SceneBackend):
+        def decode_points(self, points_xy):
+            event.set()  # someone asks to stop while the first batch decodes
+            return super().decode_points(points_xy)
+
+    backend = CancelDuringDecode(scene)
+    event.clear()
+    with pytest.raises(Cancelled):
+        EntitySegmenter(cfg, backend).segment(rgb, cancel=event)
+    assert backend.decoded_prompts == 5  # one batch of the main grid, nothing after it

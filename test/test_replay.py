@@ -168,6 +168,8 @@ def test_malformed_messages_are_skipped_and_reported(tmp_path, segmenter):
     img, rgb = _image(40, 56, 0)
     png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
     jpeg = cv2.imencode(".jpg", rgb)[1].tobytes()
+    bad_stamp = _image(40, 56, 1)[0]
+    bad_stamp.header.stamp.nanosec = 1_500_000_000  # not a time: refused, tracks not reset
     frames = {  # topic -> [(message or raw bytes, expected skip reason or None)]
         "/cam/image": [
             (_image(40, 56, 0)[0], None),
@@ -175,11 +177,13 @@ def test_malformed_messages_are_skipped_and_reported(tmp_path, segmenter):
             (_image(40, 56, 2, step=10)[0], "bad_step"),
             (_image(40, 56, 2, encoding="yuv9")[0], "unsupported_encoding"),
             (b"\x00\x01\x00\x00\x07", "undecodable_message"),  # truncated CDR
+            (bad_stamp, "bad_stamp"),
             (_image(40, 56, 3)[0], None),
         ],
         "/cam2/image/compressed": [
             (_compressed(b"not an image at all"), "undecodable"),
             (_compressed(jpeg[: len(jpeg) // 2]), "truncated"),
+            (_compressed(jpeg[: len(jpeg) // 2] + b"\xff\xd9"), "corrupt"),
             (_compressed(png, "rgb8; png compressed "), None),
         ],
     }
@@ -198,12 +202,13 @@ def test_malformed_messages_are_skipped_and_reported(tmp_path, segmenter):
     report = rp.replay(bag, tmp_path / "out", seg, cfg, storage="sqlite3", progress=False)
     expected = [(t, i, r) for t, items in frames.items() for i, (_, r) in enumerate(items) if r]
     assert [(s["topic"], s["index"], s["reason"]) for s in report["skipped"]] == expected
-    assert report["frames"] == {"read": 9, "processed": 3, "skipped": 6}
+    assert report["frames"] == {"read": 11, "processed": 3, "skipped": 8}
+    assert report["topics"]["/cam/image"]["tracking"]["resets"] == 0
     assert report["topics"]["/cam/image"]["stability_pairs"] == 1
     assert 0.0 <= report["topics"]["/cam/image"]["temporal_stability"] <= 1.0
     result = read_bag(tmp_path / "out")
     assert len(result["/cam/entities"]) == 2 and len(result["/cam2/entities"]) == 1
-    assert len(result["/cam/image"]) == 5  # every decodable input is kept, even bad pixels
+    assert len(result["/cam/image"]) == 6  # every decodable input is kept, even bad pixels
 
 
 def test_ros1_bag(tmp_path, segmenter):
