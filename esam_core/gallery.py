@@ -217,6 +217,9 @@ class Gallery:
         answers. Prompts are decoded in pair order, as K calls of ``covering_mask`` would.
         """
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if self.cfg["emr.gallery_match"] not in ("cover_each", "iou_union"):
+            raise ValueError("covering_masks answers emr.gallery_match cover_each or iou_union; "
+                             "mutual is emr.mutual_covers")
         if masks.dtype != torch.bool or tuple(masks.shape[1:]) != self._hw:
             raise ValueError(f"masks must be (N, {self._hw[0]}, {self._hw[1]}) bool, got "
                              f"{masks.dtype} {tuple(masks.shape)}")

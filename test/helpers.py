@@ -13,9 +13,11 @@ from esam_core.scene import Scene
 #: Size of the hand-made band scenes.
 H, W = 48, 64
 
-#: A config file for the tiny random-weight SAM with small grids (replay and CLI tests).
+#: A config file for the tiny random-weight SAM with small grids (replay and CLI tests); its
+#: scores are random, so the confidence filters are off (as in config/test_tiny.yaml).
 TINY_YAML = """model: {type: test_tiny}
-mmg: {points_per_side: 4}
+mmg: {points_per_side: 4, prefilter: none}
+usr: {prefilter: none}
 gallery: {points_per_side: 8}
 superpixel: {max_side: 256}
 """

@@ -85,8 +85,8 @@ def test_no_prompt_in_overlap_uses_the_fallback(fallback: str):
 
 
 @pytest.mark.parametrize("assign", ["whole_to_best_iou", "split_by_guidance"])
-@pytest.mark.parametrize("order", ["score_desc", "area_asc"])
-def test_split_never_overlaps_and_keeps_the_covered_area(assign: str, order: str):
+@pytest.mark.parametrize("order,nested", [("score_desc", "keep_smaller"), ("area_asc", "guidance")])
+def test_split_never_overlaps_and_keeps_the_covered_area(assign: str, order: str, nested: str):
     gallery = Gallery(SceneBackend(random_scene(H, W, n_objects=8, seed=2)), gallery_config())
     rng = np.random.default_rng(5)
     masks = []
@@ -94,12 +94,17 @@ def test_split_never_overlaps_and_keeps_the_covered_area(assign: str, order: str
         r0, c0 = int(rng.integers(0, H - 8)), int(rng.integers(0, W - 8))
         masks.append(box(c0, c0 + int(rng.integers(6, 30)), r0, r0 + int(rng.integers(6, 24))))
     objects = mask_set(masks, rng.uniform(0.8, 1.0, 12).tolist())
-    cfg = gallery_config(emr__overlap_assign=assign, emr__pair_order=order, emr__delta=0.1)
+    cfg = gallery_config(emr__overlap_assign=assign, emr__pair_order=order, emr__delta=0.1,
+                         emr__nested=nested, emr__sliver_width=0.0)
     ents = emr.split_overlaps(objects, gallery, cfg)
     assert_disjoint(ents.own)
     # Each step moves an overlap cell to exactly one of the two masks: the union is unchanged.
     assert torch.equal(ents.own.any(0), objects.masks.any(0))
     assert bool(ents.own.any((1, 2)).all())
+    # Dropping slivers only ever removes carved cells.
+    thin = emr.split_overlaps(objects, gallery, cfg.updated({"emr.sliver_width": 1.0}))
+    assert_disjoint(thin.own)
+    assert not bool((thin.own.any(0) & ~ents.own.any(0)).any())
 
 
 def test_min_fragment_frac_drops_small_carved_pieces():
@@ -107,10 +112,10 @@ def test_min_fragment_frac_drops_small_carved_pieces():
     p, q = box(0, 40), box(30, 38)
     gallery = Gallery(SceneBackend(band_scene([0, 64])), gallery_config())
     objects = mask_set([p, q], [0.9, 0.8])
-    keep = emr.split_overlaps(objects, gallery, gallery_config(emr__delta=0.25))
+    cfg = gallery_config(emr__delta=0.25, emr__sliver_width=0.0)
+    keep = emr.split_overlaps(objects, gallery, cfg)
     assert torch.equal(keep.own[0], box(0, 30) | box(38, 40))
-    drop = emr.split_overlaps(objects, gallery, gallery_config(emr__delta=0.25,
-                                                       emr__min_fragment_frac=0.05))
+    drop = emr.split_overlaps(objects, gallery, cfg.updated({"emr.min_fragment_frac": 0.05}))
     assert torch.equal(drop.own[0], box(0, 30)) and torch.equal(drop.own[1], q)
 
 
@@ -245,9 +250,10 @@ def reference_split(objects: MaskSet, gallery: Gallery, cfg: Config) -> torch.Te
             n, ap, aq = int(overlap.sum()), int(cur[p].sum()), int(cur[q].sum())
             if n == 0:
                 continue
-            guide = None if n / max(ap, aq) < cfg["emr.delta"] else gallery.guidance_mask(overlap)
-            if guide is None and (n / max(ap, aq) < cfg["emr.delta"]
-                                  or cfg["emr.no_prompt_fallback"] == "carve_larger"):
+            minor = n / max(ap, aq) < cfg["emr.delta"] or (
+                cfg["emr.nested"] == "keep_smaller" and n >= cfg["emr.nested_frac"] * min(ap, aq))
+            guide = None if minor else gallery.guidance_mask(overlap)
+            if guide is None and (minor or cfg["emr.no_prompt_fallback"] == "carve_larger"):
                 larger = p if ap > aq else q
                 cur[larger] &= ~overlap
                 continue
@@ -263,9 +269,10 @@ def reference_split(objects: MaskSet, gallery: Gallery, cfg: Config) -> torch.Te
 
 
 @pytest.mark.parametrize("assign", ["whole_to_best_iou", "split_by_guidance"])
-@pytest.mark.parametrize("order,fallback", [("score_desc", "carve_larger"),
-                                            ("area_asc", "nearest_prompt")])
-def test_split_equals_the_recounting_reference(assign: str, order: str, fallback: str):
+@pytest.mark.parametrize("order,fallback,nested", [("score_desc", "carve_larger", "keep_smaller"),
+                                                   ("area_asc", "nearest_prompt", "guidance")])
+def test_split_equals_the_recounting_reference(assign: str, order: str, fallback: str,
+                                               nested: str):
     # split_overlaps keeps areas on the host and counts IoUs from cell counts: same carving.
     scene = random_scene(H, W, n_objects=10, seed=3)
     rng = np.random.default_rng(11)
@@ -275,7 +282,8 @@ def test_split_equals_the_recounting_reference(assign: str, order: str, fallback
         masks.append(box(c0, c0 + int(rng.integers(6, 34)), r0, r0 + int(rng.integers(6, 30))))
     objects = mask_set(masks, rng.choice([0.85, 0.9, 0.95], 14).tolist())
     cfg = gallery_config(emr__overlap_assign=assign, emr__pair_order=order, emr__delta=0.08,
-                 emr__no_prompt_fallback=fallback)
+                         emr__no_prompt_fallback=fallback, emr__nested=nested,
+                         emr__sliver_width=0.0)
     gallery = Gallery(SceneBackend(scene), cfg)
     want = reference_split(objects, gallery, cfg)
     ents = emr.split_overlaps(objects, gallery, cfg)

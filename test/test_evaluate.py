@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_YAML
 from pycocotools import mask as mask_utils
 
 from esam_ros import evaluate as ev
@@ -219,11 +220,6 @@ def test_evaluate_segmenter_plumbing_scores_one(gt, shared_data):
     assert result["stats"]["AP"] == pytest.approx(100.0)
 
 
-TINY_YAML = """model: {type: test_tiny}
-mmg: {points_per_side: 4}
-gallery: {points_per_side: 8}
-superpixel: {max_side: 256}
-"""
 
 
 def _subset(voc: dict, tmp_path: Path, keep: int) -> Path:

@@ -12,6 +12,7 @@ import torch
 from helpers import H, W, band_scene, box, gallery_config
 
 from esam_core.config import Config
+from esam_core.emr import mutual_covers
 from esam_core.gallery import Gallery
 from esam_core.masks import greedy_nms, mask_nms, pairwise_intersection, pairwise_iou
 from esam_core.scene import Scene, SceneBackend, random_scene
@@ -80,7 +81,7 @@ def test_covering_modes():
     # a = cols 0:24 and b = cols 24:40 form group 10; c = cols 40:64 stands alone.
     scene = band_scene([0, 24, 40, 64], parent={1: 10, 2: 10})
     a, b, c = box(0, 24), box(24, 40), box(40, 64)
-    each = Gallery(SceneBackend(scene), gallery_config())
+    each = Gallery(SceneBackend(scene), gallery_config(emr__gallery_match="cover_each"))
     union = Gallery(SceneBackend(scene), gallery_config(emr__gallery_match="iou_union"))
     for g in (each, union):
         assert g.covering(a, b)
@@ -239,8 +240,8 @@ class _RecordingBackend(SceneBackend):
 def test_lazy_and_eager_answer_identically():
     scene = random_scene(H, W, n_objects=6, seed=1)
     lazy_backend, eager_backend = _RecordingBackend(scene), _RecordingBackend(scene)
-    lazy = Gallery(lazy_backend, gallery_config(), lazy=True)
-    eager = Gallery(eager_backend, gallery_config(), lazy=False)
+    cfg = gallery_config(emr__gallery_match="cover_each")
+    lazy, eager = Gallery(lazy_backend, cfg, lazy=True), Gallery(eager_backend, cfg, lazy=False)
     assert lazy.decoded_prompts == 0 and lazy_backend.calls == []
     assert eager.decoded_prompts == len(eager) == 64
     assert max(eager_backend.calls) <= 16  # decoded in batches of model.points_per_batch
@@ -256,6 +257,9 @@ def test_lazy_and_eager_answer_identically():
         if gl is not None:
             assert torch.equal(gl[0], ge[0]) and gl[1] == ge[1]
         assert lazy.covering(box, other) == eager.covering(box, other)
+        pair = torch.stack([box, other])  # the mutual reading of Eq.8 answers alike too
+        ml, me = (mutual_covers(pair, np.array([[0, 1]]), g, cfg)[0] for g in (lazy, eager))
+        assert (ml is None and me is None) or torch.equal(ml, me)
     assert 0 < lazy.decoded_prompts < eager.decoded_prompts
     assert sum(lazy_backend.calls) == lazy.decoded_prompts  # no prompt decoded twice
 
@@ -265,7 +269,7 @@ def test_real_sam_decoder_gallery_matches_eq1_and_lazy_equals_eager():
     are the largest-area and best-scored of the 3 outputs, and lazy answers as eager."""
     from esam_core.backend import SamBackend
 
-    cfg = gallery_config(model__type="test_tiny")
+    cfg = gallery_config(model__type="test_tiny", emr__gallery_match="cover_each")
     backend = SamBackend(cfg)
     backend.set_image(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8))
     lazy, eager = Gallery(backend, cfg, lazy=True), Gallery(backend, cfg, lazy=False)

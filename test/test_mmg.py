@@ -21,7 +21,7 @@ from esam_core.mmg import (
 from esam_core.scene import Scene, SceneBackend, random_scene
 from esam_core.superpixels import compute_superpixels, density_map
 
-OFF = Config({"mmg.density.mode": "off"})
+OFF = Config({"mmg.density.mode": "off", "mmg.prefilter": "none"})  # Eq.2 and Eq.4 alone
 
 
 def scene_of(shape: tuple[int, int], rects: dict[int, tuple[int, int, int, int]],
@@ -182,8 +182,8 @@ def test_prefilter_drops_low_confidence_masks_per_level_and_keeps_points_aligned
     decoded = backend.decode_points(pts)
     decoded.stability[1, :] = 0.5  # every output of prompt 1 fails the stability filter
     lv = sort_levels(decoded)
-    assert prefilter(lv, Config()) is lv  # mmg.prefilter = none
-    f = prefilter(lv, Config({"mmg.prefilter": "amg"}))
+    assert prefilter(lv, Config({"mmg.prefilter": "none"})) is lv
+    f = prefilter(lv, Config())  # mmg.prefilter = amg
     # object: 0.85 (p0) dropped, p1 unstable, 0.96 (p2), bg 0.96 -> prompts 2, 3
     np.testing.assert_allclose(f.object.points, pts[[2, 3]])
     np.testing.assert_allclose(f.subpart.points, pts[[0, 3]])

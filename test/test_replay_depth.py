@@ -14,6 +14,7 @@ from helpers import TINY_YAML, read_bag
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
+from esam_core.cli_options import TEST_TINY
 from esam_core.config import load_config
 from esam_ros import replay as rp
 from esam_ros.bag_io import BagError, BagReader, output_topics
@@ -27,7 +28,8 @@ def segmenter():
     from esam_core.pipeline import EntitySegmenter
 
     cfg = load_config(None, {"model.type": "test_tiny", "mmg.points_per_side": 4,
-                             "gallery.points_per_side": 8, "superpixel.max_side": 256})
+                             "gallery.points_per_side": 8, "superpixel.max_side": 256,
+                             **TEST_TINY})
     return EntitySegmenter(cfg), cfg
 
 

@@ -207,8 +207,11 @@ def count_syncs(mp: pytest.MonkeyPatch, cfg: Config, scene: Scene, scale: float,
 
 
 _CONFIGS = {"default": {},
+            # The readings the defaults replaced: guided splits of nested masks, Eq.8 by
+            # covering_masks (one pass for all candidates).
+            "guided": {"emr.nested": "guidance", "emr.gallery_match": "cover_each"},
             "stress": {"emr.delta": 0.0, "emr.sm_threshold": 0.1, "usr.coverage_thresh": 0.9,
-                       "emr.overlap_assign": "split_by_guidance",
+                       "emr.overlap_assign": "split_by_guidance", "emr.nested": "guidance",
                        "emr.gallery_match": "iou_union", "mmg.gamma_o": 0.5,
                        "usr.write_uncovered_only": False}}
 
@@ -222,18 +225,27 @@ def test_syncs_per_stage_stay_bounded(monkeypatch, name: str):
         print(stage, "d2h", d2h.get(stage, 0), "h2d", h2d.get(stage, 0), counter.detail(stage),
               {e: n for (s, e), n in events.items() if s == stage})
     print(counts)
-    # The scene exercises every loop: guided splits, merge candidates, USR regions.
+    # The scene exercises every loop: guided splits, merge candidates (pairs, or with the mutual
+    # reading the pieces' own guidance masks), USR regions.
     split_decodes, guided = events[("emr_split", "decodes")], events[("emr_split", "guided")]
     merge_decodes, usr_decodes = events[("emr_merge", "decodes")], events[("usr", "decodes")]
+    merge_guided = events[("emr_merge", "guided")]
     assert {s: events[(s, "calls")] for s in ("emr_split", "emr_merge", "usr")} == {
         "emr_split": 1, "emr_merge": 1, "usr": 1}
-    assert guided >= 10 and events[("emr_merge", "candidates")] >= 5
+    if cfg["emr.nested"] == "guidance":
+        assert guided >= 10
+    if cfg["emr.gallery_match"] == "mutual":
+        assert merge_guided >= 5 and events[("emr_merge", "candidates")] == 0
+    else:
+        assert events[("emr_merge", "candidates")] >= 5 and merge_guided == 0
     assert counts["usr_regions"] >= 10 and usr_decodes >= 1
     # Bounds: a few transfers per stage, one or two per decoded batch (its scores, or M_A's
-    # masks and scores), and per guided pair two reads (the grouping's IoUs, the guidance mask)
-    # and one index upload. Nothing per overlapping pair, per merge candidate or per region.
+    # masks and scores), and per guidance mask two reads (the grouping's IoUs, the guidance mask,
+    # or the prompts inside a piece) and one index upload. Nothing per overlapping pair, per merge
+    # candidate or per region.
     bounds = {"emr_split": (4 + split_decodes + 2 * guided, 3 + split_decodes + guided),
-              "emr_merge": (4 + merge_decodes, 4 + merge_decodes),
+              "emr_merge": (4 + merge_decodes + 2 * merge_guided,
+                            4 + merge_decodes + merge_guided),
               "usr": (5 + 2 * usr_decodes, 5 + usr_decodes)}
     for stage, (max_d2h, max_h2d) in bounds.items():
         assert d2h.get(stage, 0) <= max_d2h, (stage, max_d2h, counter.detail(stage))

@@ -169,11 +169,12 @@ def test_sam_output_choice_and_fusion_of_a_later_region() -> None:
     # s1 trusts its subpart: best-score M_A = s1, so s2 stays open; its M_A (object 70) then has
     # IoU 600/800 with the new s1 entity and is fused into it.
     scene, backend, sp, ents = greedy_scene({1: (0.99, 0.5, 0.5)})
-    out, counts = refine_under_segmentation(ents, sp, no_holders((48, 64)), backend, Config())
+    best = Config({"usr.prefilter": "none"})  # the 0.5-scored object level must be usable
+    out, counts = refine_under_segmentation(ents, sp, no_holders((48, 64)), backend, best)
     assert (counts["added"], counts["merged"], counts["skipped_covered"]) == (1, 1, 0)
     assert len(out) == 2 and torch.equal(out.own[1], node(scene, 70))
     assert float(out.iou[1]) == pytest.approx(0.99)
-    obj = Config({"usr.sam_output": "object_level"})
+    obj = best.updated({"usr.sam_output": "object_level"})
     out, counts = refine_under_segmentation(ents, sp, no_holders((48, 64)), backend, obj)
     assert (counts["added"], counts["merged"], counts["skipped_covered"]) == (1, 0, 1)
     assert float(out.iou[1]) == pytest.approx(0.5)
