@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTHON ?= python3.11
 
-.PHONY: install test lint bench bench-qos demo weights constraints clean
+.PHONY: install test lint bench bench-qos fidelity demo weights constraints clean
 
 # requirements*.txt give ranges (for ROS workspaces); constraints.txt pins what CI tests.
 install:
@@ -27,6 +27,13 @@ bench:
 	OMP_NUM_THREADS=2 $(VENV)/bin/esam bench --config config/test_tiny.yaml --grids 16/32 --repeat 3
 	OMP_NUM_THREADS=2 $(VENV)/bin/esam bench --backend scene --config config/esam.yaml --grids 32/64 --repeat 1
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench_node --config config/test_tiny.yaml
+
+# E-SAM vs AMG and SAM^O on simulated SAM masks (docs/fidelity.md; about an hour on 2 cores).
+# COCO=ann.json [IMAGES=dir] adds annotated photos to the generated scenes.
+fidelity:
+	mkdir -p out
+	OMP_NUM_THREADS=2 $(VENV)/bin/esam fidelity --seeds 3 --generated 2 --lowres 128 \
+		$(if $(COCO),--coco $(COCO)) $(if $(IMAGES),--images $(IMAGES)) --json out/fidelity.json
 
 # How many raw frames reach a subscription by QoS and size (one host; a few minutes).
 bench-qos:

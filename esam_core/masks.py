@@ -23,8 +23,10 @@ def mask_areas(masks: torch.Tensor) -> torch.Tensor:
     """(M, h, w) bool -> (M,) int64 pixel counts."""
     if masks.dtype != torch.bool or masks.ndim != 3 or masks.shape[1] >= 1 << 15:
         return masks.flatten(1).sum(1)
-    # Summing bool is slow on CPU (a cast per element); uint8 column sums in int16 are exact
-    # (at most h < 2^15 per column) and vectorise.
+    if masks.device.type == "cpu":  # numpy counts bools ~3x faster than any torch reduction
+        flat = masks.reshape(masks.shape[0], masks.shape[1] * masks.shape[2]).numpy()
+        return torch.from_numpy(np.count_nonzero(flat, axis=1).astype(np.int64))
+    # Summing bool casts per element; uint8 column sums in int16 are exact (h < 2^15).
     return masks.view(torch.uint8).sum(1, dtype=torch.int16).sum(1, dtype=torch.int64)
 
 

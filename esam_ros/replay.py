@@ -223,6 +223,7 @@ def replay(bag: str | Path, out: str | Path, segmenter: Any, cfg: Config,
 def make_segmenter(cfg: Config, fallback_test_tiny: bool) -> tuple[Any, Config]:
     """``EntitySegmenter(cfg)``; if its checkpoint is missing and ``fallback_test_tiny``, a
     test_tiny one (random weights: meaningless output) with a loud warning instead."""
+    from esam_core.cli_options import TEST_TINY
     from esam_core.pipeline import EntitySegmenter
     from esam_core.weights import CheckpointError, resolve_checkpoint
 
@@ -233,7 +234,7 @@ def make_segmenter(cfg: Config, fallback_test_tiny: bool) -> tuple[Any, Config]:
             if not fallback_test_tiny:
                 raise
             tiny = {"model.type": "test_tiny", "model.checkpoint": "",
-                    "mmg.points_per_side": 8, "gallery.points_per_side": 16}
+                    "mmg.points_per_side": 8, "gallery.points_per_side": 16, **TEST_TINY}
             cfg = (load_config(TEST_TINY_YAML) if TEST_TINY_YAML.is_file()
                    else cfg.updated(tiny))
             bar = "!" * 78

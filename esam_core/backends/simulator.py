@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from esam_core.masks import mask_areas
 from esam_core.types import Decoded
 
 #: Logits per *SAM* low-res cell (1/256 of the long side) of a confident mask's boundary ramp,
@@ -170,36 +169,35 @@ class SamSimulator:
         pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
         h, w = self._lowres_hw
         logits = np.empty((len(pts), 3, h, w), np.float32)
-        iou = np.empty((len(pts), 3), np.float32)
+        scores = np.empty((len(pts), 2, 3), np.float32)  # predicted IoU, stability
         for n, (x, y) in enumerate(pts):
             key = (round(x * 4), round(y * 4))
             if key not in self._cache:
                 self._cache[key] = self._render(x, y, _rng(self.seed, 2, *key))
-            logits[n], iou[n] = self._cache[key]
+            logits[n], scores[n] = self._cache[key]
         self.decoded_prompts += len(pts)
-        lg = torch.from_numpy(logits).to(self.device)
-        inter = mask_areas((lg > 1.0).flatten(0, 1)).view(len(pts), 3).float()
-        union = mask_areas((lg > -1.0).flatten(0, 1)).view(len(pts), 3).float().clamp(min=1.0)
-        return Decoded(points=pts, logits=lg, iou=torch.from_numpy(iou).to(self.device),
-                       stability=inter / union)
+        scores_t = torch.from_numpy(scores).to(self.device)
+        return Decoded(points=pts, logits=torch.from_numpy(logits).to(self.device),
+                       iou=scores_t[:, 0], stability=scores_t[:, 1])
 
     def _render(self, x: float, y: float, rng: np.random.Generator
                 ) -> tuple[np.ndarray, np.ndarray]:
         """One prompt's (3, h, w) float16 logits (kept in half precision: the harness asks the
         same prompts for every configuration, and a cached answer must equal a fresh one) and
-        (3,) predicted IoUs."""
+        (2, 3) predicted IoUs and stability scores (SAM's: IoU of logits > 1 and > -1)."""
         outputs = self._answer(x, y, rng)
         jitter = rng.random() < self.rates.jitter
         amp = self.rates.jitter_cells * self._sam_cells
         logits = np.empty((3, *self._lowres_hw), np.float16)
-        iou = np.empty(3, np.float32)
+        scores = np.empty((2, 3), np.float32)
         for slot, k in enumerate(rng.permutation(3)):  # SAM's output order means nothing
             sdf, score, slope = outputs[k]
             if jitter:
                 sdf = sdf + amp * self._bank[rng.integers(_BANK)]
             logits[slot] = np.clip(sdf * (slope / self._sam_cells), -_LOGIT_CLAMP, _LOGIT_CLAMP)
-            iou[slot] = score
-        return logits, iou
+            inner, outer = np.count_nonzero(logits[slot] > 1), np.count_nonzero(logits[slot] > -1)
+            scores[:, slot] = score, np.float32(inner) / np.float32(max(outer, 1))
+        return logits, scores
 
     def sample_features(self, points_xy: np.ndarray) -> torch.Tensor:
         """Encoder features: entity + appearance class + part directions, plus per-point noise."""
