@@ -10,7 +10,8 @@ SAM^O).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,27 +47,52 @@ class LevelMasks:
     object_is_best: torch.Tensor
 
 
-@dataclass
 class MMGResult:
     """MMG's output (all at the working grid).
 
     Attributes:
         objects: M̂^32, the object masks kept by Eq.2, by descending predicted IoU.
-        parts, subparts: M_P^32 and M_SP^32 after the Eq.4 adaptive NMS (used by USR only).
-        counts: masks before and after each step (``object_in``, ``object_nms``, ``objects``, ...).
+        parts, subparts: M_P^32 and M_SP^32 after the Eq.4 adaptive NMS. Only USR reads them
+            (for its prompts), so they are computed on first access, with the Eq.3 density.
+        counts: masks before and after each step (``object_in``, ``object_nms``, ``objects``;
+            ``parts_in``, ``parts``, ... once the part levels are computed).
     """
 
-    objects: MaskSet
-    parts: MaskSet
-    subparts: MaskSet
-    counts: dict[str, int] = field(default_factory=dict)
+    def __init__(self, objects: MaskSet, levels: LevelMasks,
+                 density: torch.Tensor | Callable[[], torch.Tensor], cfg: Config,
+                 counts: dict[str, int]) -> None:
+        self.objects, self.counts = objects, counts
+        self._levels, self._density, self._cfg = levels, density, cfg
+        self._parts: tuple[MaskSet, MaskSet] | None = None
+
+    @property
+    def parts(self) -> MaskSet:
+        return self._part_levels()[0]
+
+    @property
+    def subparts(self) -> MaskSet:
+        return self._part_levels()[1]
+
+    def _part_levels(self) -> tuple[MaskSet, MaskSet]:
+        """Eq.4 on the part and subpart levels, once."""
+        if self._parts is None:
+            density = self._density() if callable(self._density) else self._density
+            out = []
+            for name, ms in (("parts", self._levels.part), ("subparts", self._levels.subpart)):
+                fg = ms.masks
+                ne = _non_empty(fg)
+                self.counts[f"{name}_in"] = len(ne)
+                keep = _adaptive_keep(_rows(fg, ne), ms.iou[ne], density, self._cfg)
+                out.append(ms.select(ne[keep.to(ne.device)]))
+                self.counts[name] = len(out[-1])
+            self._parts = (out[0], out[1])
+        return self._parts
 
 
 def _level(decoded: Decoded, index: torch.Tensor) -> MaskSet:
-    """Pick output ``index[i]`` of every prompt i: (N,) int64 -> a MaskSet of N masks."""
-    rows = torch.arange(len(decoded), device=decoded.logits.device)
-    return MaskSet(decoded.logits[rows, index], decoded.iou[rows, index],
-                   decoded.stability[rows, index], np.asarray(decoded.points, np.float64))
+    """Pick output ``index[i]`` of every prompt i: (N,) int64 -> a view of N masks."""
+    return MaskSet.view(decoded, torch.arange(len(decoded), device=index.device), index,
+                        decoded.points)
 
 
 def sort_levels(decoded: Decoded) -> LevelMasks:
@@ -78,7 +104,7 @@ def sort_levels(decoded: Decoded) -> LevelMasks:
     if decoded.logits.ndim != 4 or decoded.logits.shape[1] != 3:
         raise ValueError(f"expected logits (N, 3, h, w), got {tuple(decoded.logits.shape)}")
     n, _, h, w = decoded.logits.shape
-    areas = mask_areas((decoded.logits > 0).reshape(n * 3, h, w)).view(n, 3)
+    areas = mask_areas(decoded.foreground.reshape(n * 3, h, w)).view(n, 3).to(decoded.iou.device)
     # Lexicographic (area desc, then predicted IoU desc): two stable sorts, minor key first.
     by_iou = torch.sort(decoded.iou, dim=1, descending=True, stable=True).indices
     by_area = torch.sort(areas.gather(1, by_iou), dim=1, descending=True, stable=True).indices
@@ -149,12 +175,15 @@ def _adaptive_keep(masks: torch.Tensor, scores: torch.Tensor, density: torch.Ten
     return mask_nms(masks, scores, thr, iou=cfg["mmg.nms_iou"])[0]
 
 
-def run_mmg(levels: LevelMasks, density: torch.Tensor, cfg: Config) -> MMGResult:
-    """Eq.2 on the object level and Eq.4 on the part and subpart levels.
+def run_mmg(levels: LevelMasks, density: torch.Tensor | Callable[[], torch.Tensor],
+            cfg: Config) -> MMGResult:
+    """Eq.2 on the object level and (on first use of the result's parts) Eq.4 on the part and
+    subpart levels.
 
     Args:
         levels: output of ``sort_levels``; ``prefilter`` is applied here per ``mmg.prefilter``.
-        density: (h, w) float32 Eq.3 density map on the masks' device.
+        density: (h, w) float32 Eq.3 density map on the masks' device, or a function giving it
+            (called only if the part levels are used).
     """
     counts: dict[str, int] = {}
     levels = prefilter(levels, cfg)  # idempotent, so a caller may have applied it already
@@ -187,15 +216,7 @@ def run_mmg(levels: LevelMasks, density: torch.Tensor, cfg: Config) -> MMGResult
     obj = levels.object.select(obj_idx[by_iou])
     counts["objects"] = len(obj)
 
-    out = {}
-    for name, ms in (("parts", levels.part), ("subparts", levels.subpart)):
-        fg = ms.masks
-        ne = _non_empty(fg)
-        counts[f"{name}_in"] = len(ne)
-        keep = _adaptive_keep(_rows(fg, ne), ms.iou[ne], density, cfg)
-        out[name] = ms.select(ne[keep.to(ne.device)])
-        counts[name] = len(out[name])
-    return MMGResult(objects=obj, parts=out["parts"], subparts=out["subparts"], counts=counts)
+    return MMGResult(obj, levels, density, cfg, counts)
 
 
 def _amg_filter_nms(ms: MaskSet, cfg: Config) -> MaskSet:
@@ -211,11 +232,10 @@ def _amg_filter_nms(ms: MaskSet, cfg: Config) -> MaskSet:
 def amg_masks(decoded: Decoded, cfg: Config) -> MaskSet:
     """SAM AMG's own output on a decoded grid: all 3 outputs of every prompt compete in one box NMS
     after the predicted-IoU and stability filters (used when ``modules.mmg`` is false)."""
-    n = len(decoded)
-    h, w = decoded.logits.shape[-2:]
-    flat = MaskSet(decoded.logits.reshape(n * 3, h, w), decoded.iou.reshape(-1),
-                   decoded.stability.reshape(-1),
-                   np.repeat(np.asarray(decoded.points, np.float64).reshape(-1, 2), 3, axis=0))
+    dev = decoded.iou.device
+    rows = torch.arange(len(decoded), device=dev).repeat_interleave(3)
+    flat = MaskSet.view(decoded, rows, torch.arange(3, device=dev).repeat(len(decoded)),
+                        np.repeat(np.asarray(decoded.points).reshape(-1, 2), 3, axis=0))
     return _amg_filter_nms(flat, cfg)
 
 
@@ -236,7 +256,7 @@ def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch
         scores: (N, 2) float32, S^64O then S^64B.
         areas: (N, 2) int64 cell counts of O and B.
     """
-    fg = decoded.logits > 0  # (N, 3, h, w)
+    fg = decoded.foreground  # (N, 3, h, w)
     n, _, h, w = fg.shape
     rows = torch.arange(n, device=fg.device)
     areas = mask_areas(fg.reshape(n * 3, h, w)).view(n, 3)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 
 import cv2
 import numpy as np
@@ -256,10 +257,11 @@ class EntitySegmenter:
         with stages("mmg"):
             if cfg["modules.mmg"]:
                 levels = mmg.sort_levels(decoded)
-                result = mmg.run_mmg(levels, density_map(sp, cfg), cfg)
+                result = mmg.run_mmg(levels, partial(density_map, sp, cfg), cfg)
                 objects = result.objects
-                holders = _concat(result.parts, result.subparts)
-                stages.counts.update({f"mmg_{k}": v for k, v in result.counts.items()})
+
+                def holders() -> MaskSet:  # Eq.3-4 only if USR needs prompts (in its time)
+                    return MaskSet.concat(result.parts, result.subparts)
             else:  # Table 3 rows without MMG: EMR and USR start from AMG's output
                 objects = holders = mmg.amg_masks(decoded, cfg)
             stages.counts["objects"] = len(objects)
@@ -279,6 +281,8 @@ class EntitySegmenter:
             with stages("usr"):
                 ents, counts = usr.refine_under_segmentation(ents, sp, holders, backend, cfg)
                 stages.counts.update({f"usr_{k}": v for k, v in counts.items()})
+        if cfg["modules.mmg"]:
+            stages.counts.update({f"mmg_{k}": v for k, v in result.counts.items()})
         return ents
 
 
@@ -286,8 +290,3 @@ def _timed(fn, *args):
     """``(fn(*args), seconds)``, for work done in the helper thread."""
     t0 = time.perf_counter()
     return fn(*args), time.perf_counter() - t0
-
-
-def _concat(a: MaskSet, b: MaskSet) -> MaskSet:
-    return MaskSet(torch.cat([a.logits, b.logits]), torch.cat([a.iou, b.iou]),
-                   torch.cat([a.stability, b.stability]), np.concatenate([a.points, b.points]))

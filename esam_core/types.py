@@ -25,14 +25,26 @@ class Decoded:
     logits: torch.Tensor
     iou: torch.Tensor
     stability: torch.Tensor
+    _foreground: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
 
+    @property
+    def foreground(self) -> torch.Tensor:
+        """(N, 3, h, w) bool ``logits > 0``, computed once."""
+        if self._foreground is None:
+            self._foreground = self.logits > 0
+        return self._foreground
 
-@dataclass
+
 class MaskSet:
     """M candidate masks at the working resolution, with SAM's scores.
+
+    A mask set is either concrete (built from its logits) or a *view* of a decoded batch
+    (``MaskSet.view``): a view gathers its masks from the batch's foreground and its logits only
+    when they are read, so that sorting, filtering and de-duplicating thousands of candidates
+    copies only the few that survive. Both behave the same.
 
     Attributes:
         logits: (M, h, w) float32 SAM logits; the masks are ``logits > 0``.
@@ -41,28 +53,72 @@ class MaskSet:
         points: (M, 2) float64 image-pixel (x, y) of the prompt each mask came from.
     """
 
-    logits: torch.Tensor
-    iou: torch.Tensor
-    stability: torch.Tensor
-    points: np.ndarray
+    def __init__(self, logits: torch.Tensor | None, iou: torch.Tensor, stability: torch.Tensor,
+                 points: np.ndarray) -> None:
+        self._logits = logits
+        self.iou, self.stability, self.points = iou, stability, points
+        self._view: tuple[Decoded, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def view(cls, decoded: Decoded, rows: torch.Tensor, cols: torch.Tensor,
+             points: np.ndarray) -> MaskSet:
+        """Output ``cols[i]`` of prompt ``rows[i]`` of ``decoded``, for (M,) int64 rows and cols
+        on its device; ``points`` (M, 2) = ``decoded.points[rows]`` (on the host already)."""
+        ms = cls(None, decoded.iou[rows, cols], decoded.stability[rows, cols],
+                 np.asarray(points, np.float64).reshape(-1, 2))
+        ms._view = (decoded, rows, cols)
+        return ms
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            decoded, rows, cols = self._view
+            self._logits = decoded.logits[rows, cols]
+        return self._logits
 
     @property
     def masks(self) -> torch.Tensor:
         """(M, h, w) bool."""
-        return self.logits > 0
+        if self._logits is None:
+            decoded, rows, cols = self._view
+            return decoded.foreground[rows, cols]
+        return self._logits > 0
 
     def __len__(self) -> int:
-        return int(self.logits.shape[0])
+        return int(self.iou.shape[0])
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(h, w) of the masks (without gathering them)."""
+        logits = self._logits if self._logits is not None else self._view[0].logits
+        return int(logits.shape[-2]), int(logits.shape[-1])
+
+    @staticmethod
+    def concat(a: MaskSet, b: MaskSet) -> MaskSet:
+        """a's masks, then b's (a view again if both view the same decoded batch)."""
+        if a._logits is None and b._logits is None and a._view[0] is b._view[0]:
+            return MaskSet.view(a._view[0], torch.cat([a._view[1], b._view[1]]),
+                                torch.cat([a._view[2], b._view[2]]),
+                                np.concatenate([a.points, b.points]))
+        return MaskSet(torch.cat([a.logits, b.logits]), torch.cat([a.iou, b.iou]),
+                       torch.cat([a.stability, b.stability]),
+                       np.concatenate([a.points, b.points]))
 
     def select(self, index: torch.Tensor | np.ndarray | list[int]) -> MaskSet:
         """The subset at ``index`` (int indices or a bool mask), in that order."""
-        idx = (index.to(self.logits.device) if isinstance(index, torch.Tensor)
-               else torch.as_tensor(np.asarray(index), device=self.logits.device))
+        idx = (index.to(self.iou.device) if isinstance(index, torch.Tensor)
+               else torch.as_tensor(np.asarray(index), device=self.iou.device))
         if idx.dtype == torch.bool:
             idx = idx.nonzero()[:, 0]
         idx = idx.long()
-        return MaskSet(self.logits[idx], self.iou[idx], self.stability[idx],
-                       self.points[idx.cpu().numpy()].reshape(-1, 2))
+        points = self.points[idx.cpu().numpy()].reshape(-1, 2)
+        if self._logits is None:
+            decoded, rows, cols = self._view
+            return MaskSet.view(decoded, rows[idx], cols[idx], points)
+        return MaskSet(self._logits[idx], self.iou[idx], self.stability[idx], points)
+
+    def __repr__(self) -> str:
+        return f"MaskSet({len(self)} masks{', view' if self._logits is None else ''})"
 
 
 @dataclass

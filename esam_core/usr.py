@@ -114,15 +114,16 @@ def _prompts(region_cells: list[np.ndarray], lowres_hw: tuple[int, int], holders
     return cells, holder_idx
 
 
-def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: MaskSet,
-                              backend: PromptBackend, cfg: Config
-                              ) -> tuple[Entities, dict[str, int]]:
+def refine_under_segmentation(entities: Entities, sp: Superpixels,
+                              holders: MaskSet | Callable[[], MaskSet], backend: PromptBackend,
+                              cfg: Config) -> tuple[Entities, dict[str, int]]:
     """Eq.9–10: fill the superpixels that ``entities`` leave (mostly) uncovered.
 
     Args:
         entities: disjoint entities at the working grid (EMR's M_E).
         sp: superpixels; ``sp.cells`` must be on the working grid.
-        holders: M_P^32 ∪ M_SP^32, the part and subpart masks after Eq.4.
+        holders: M_P^32 ∪ M_SP^32, the part and subpart masks after Eq.4, or a function giving
+            them (called only if some region remains).
         backend: the prompt backend, already holding this image.
     Returns:
         The refined entities (empty ones dropped) and counts: ``regions``, ``prompts``,
@@ -134,8 +135,7 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
     """
     h, w = (int(v) for v in backend.lowres_hw)
     for name, shape in (("superpixel cells", tuple(sp.cells.shape)),
-                        ("entities", tuple(entities.own.shape[1:])),
-                        ("holders", tuple(holders.logits.shape[1:]))):
+                        ("entities", tuple(entities.own.shape[1:]))):
         if shape != (h, w):
             raise ValueError(f"{name} are {shape}, the working grid is {(h, w)}")
     device = sp.cells.device
@@ -163,6 +163,9 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels, holders: Mask
     region_of_cell = np.where(flat_owner >= 0, -1, region_id[cells])
     region_cells = _group_cells(region_of_cell, n_regions)
 
+    holders = holders() if callable(holders) else holders
+    if holders.hw != (h, w):
+        raise ValueError(f"holders are {holders.hw}, the working grid is {(h, w)}")
     prompt_cells, _ = _prompts(region_cells, (h, w), holders, region_of_cell.reshape(h, w), cfg)
     # Regions inside the same holder share one prompt: decode each distinct prompt once.
     unique_cells, prompt_of_region = np.unique(prompt_cells, axis=0, return_inverse=True)

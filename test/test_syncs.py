@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from esam_core import emr, pipeline, usr
+from esam_core import emr, mmg, pipeline, usr
 from esam_core.config import Config
 from esam_core.gallery import Gallery
 from esam_core.scene import Scene, SceneBackend, random_scene
@@ -160,12 +160,12 @@ def count_syncs(mp: pytest.MonkeyPatch, cfg: Config, scene: Scene, scale: float,
     def staged(stage: str, fn):
         @functools.wraps(fn)
         def f(*a, **k):
-            counter.stage = stage
+            outer, counter.stage = counter.stage, stage
             events[(stage, "calls")] += 1
             try:
                 return fn(*a, **k)
             finally:
-                counter.stage = None
+                counter.stage = outer
         return f
 
     def event(name: str, fn, size=lambda *a: 1):
@@ -177,9 +177,12 @@ def count_syncs(mp: pytest.MonkeyPatch, cfg: Config, scene: Scene, scale: float,
 
     # The backend runs on the CPU here: take the paths a GPU run takes.
     mp.setattr("esam_core.gallery._DENSE_GROUPING", True, raising=False)
+    mp.setattr("esam_core.masks._NUMPY_ON_CPU", False, raising=False)
     for mod, name, stage in ((emr, "split_overlaps", "emr_split"),
                              (emr, "merge_entities", "emr_merge"),
-                             (usr, "refine_under_segmentation", "usr")):
+                             (usr, "refine_under_segmentation", "usr"),
+                             # Eq.4 runs when USR first needs prompts: MMG's work, not USR's.
+                             (mmg.MMGResult, "_part_levels", "mmg_parts")):
         mp.setattr(mod, name, staged(stage, getattr(mod, name)))
     mp.setattr(Gallery, "guidance_for_prompts", event("guided", Gallery.guidance_for_prompts))
     if hasattr(Gallery, "covering_masks"):
