@@ -1,16 +1,15 @@
-"""The 64-grid mask gallery G of EMR (paper §3.3, spec §4): per prompt an object-level and a
-best-level mask with their scores, looked up by the prompts that lie inside a region.
+"""The 64-grid mask gallery G of EMR (paper §3.3): per prompt an object-level and a best-level
+mask with their scores, looked up by the prompts that lie inside a region.
 
-Eq.6 (guidance mask of an overlap) and Eq.8 (a gallery mask that encompasses two merge candidates)
-only ever read the prompts inside a region, and the gallery de-duplication (``gallery.nms``) groups
-the masks of *those* prompts only, so every answer depends on the prompts in the region alone. Lazy
-mode therefore decodes a prompt the first time a region contains it and answers exactly as eager
-mode, which decodes every prompt up front (docs/architecture.md, "Gallery: lazy and eager").
+Eq.6 (the guidance mask of an overlap) and Eq.8 (``esam_core.emr.match``: gallery masks that join
+two merge candidates) only ever read the prompts inside a region, and the gallery de-duplication
+(``gallery.nms``) groups the masks of *those* prompts only, so every answer depends on the prompts
+in the region alone. Lazy mode therefore decodes a prompt the first time a region contains it and
+answers exactly as eager mode, which decodes every prompt up front (docs/architecture.md,
+"Gallery: lazy and eager").
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -20,7 +19,6 @@ from segment_anything.utils.amg import build_point_grid
 from esam_core import mmg
 from esam_core.config import Config
 from esam_core.masks import (
-    bbox_slices,
     greedy_nms,
     mask_areas,
     mask_nms,
@@ -37,18 +35,6 @@ OBJECT, BEST = 0, 1
 #: Both give the same groups. Above ``_DENSE_MAX`` guidance masks the blocked NMS is used.
 _DENSE_GROUPING: bool | None = None
 _DENSE_MAX = 512
-
-
-class _Plan(NamedTuple):
-    """Host half of Eq.8 for one pair (a, b) = (masks[i], masks[j])."""
-
-    index: int  # position in the list of pairs
-    pair: tuple[int, int]
-    cand: np.ndarray  # (3, C) int64: prompt, level (OBJECT / BEST) and |g| of the candidates
-    counts: np.ndarray  # (3,) int64: |a|, |b|, |a ∪ b|
-    box: tuple[slice, slice]  # of a ∪ b
-    small: int  # 0 if |a| <= |b| else 1
-    small_box: tuple[slice, slice]  # of the smaller mask
 
 
 class Gallery:
@@ -86,7 +72,7 @@ class Gallery:
         self._areas = np.zeros((p, 2), dtype=np.int64)  # host: |O|, |B|
         self.decoded = np.zeros(p, dtype=bool)
         if not self.lazy:
-            self._ensure(np.arange(p))
+            self.decode(np.arange(p))
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -96,7 +82,7 @@ class Gallery:
         """How many prompts have actually been decoded."""
         return int(self.decoded.sum())
 
-    def _ensure(self, idx: np.ndarray) -> None:
+    def decode(self, idx: np.ndarray) -> None:
         """Decode the prompts of ``idx`` not decoded yet, ``model.points_per_batch`` at a time."""
         todo = idx[~self.decoded[idx]]
         batch = int(self.cfg["model.points_per_batch"])
@@ -122,9 +108,27 @@ class Gallery:
         """O and B masks (n, 2, h, w) bool and scores (n, 2) float32 (a host tensor) of prompts
         ``idx`` (decoding them)."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        self._ensure(idx)
+        self.decode(idx)
         t = torch.as_tensor(idx, device=self._masks.device)
         return self._masks[t], torch.from_numpy(self._scores[idx])
+
+    @property
+    def store(self) -> torch.Tensor:
+        """(P, 2, h, w) bool O and B masks of every prompt (only decoded rows are valid)."""
+        return self._masks
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(h, w) of the working grid."""
+        return self._hw
+
+    def areas(self, idx: np.ndarray) -> np.ndarray:
+        """(n, 2) int64 host cell counts of the O and B masks of decoded prompts ``idx``."""
+        return self._areas[idx]
+
+    def check(self, region: torch.Tensor | np.ndarray, name: str = "region") -> None:
+        """Raise ValueError unless ``region`` is an (h, w) bool of the working grid."""
+        self._check(region, name)
 
     def prompts_in(self, region: torch.Tensor | np.ndarray) -> np.ndarray:
         """Sorted indices (n,) int64 of the prompts whose cell lies in ``region`` ((h, w) bool,
@@ -159,7 +163,7 @@ class Gallery:
         idx = np.unique(np.asarray(idx, dtype=np.int64))
         if idx.size == 0:
             return None
-        self._ensure(idx)
+        self.decode(idx)
         scores = self._scores[idx]  # float32 arithmetic, as the device did it
         tau = self.cfg["emr.tau"] if tau is None else tau
         level = ((scores[:, BEST] - scores[:, OBJECT]) >= tau).astype(np.int64)
@@ -194,123 +198,3 @@ class Gallery:
                       ) -> tuple[torch.Tensor, float] | None:
         """Eq.6 for the prompts inside ``region`` ((h, w) bool); None if no prompt lies in it."""
         return self.guidance_for_prompts(self.prompts_in(region))
-
-    def covering_mask(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-        """Eq.8 match: a gallery mask that encompasses both (h, w) bool masks, or None.
-
-        Candidates are the O and B masks of the prompts inside a ∪ b. ``emr.gallery_match``:
-        ``cover_each`` = it covers ≥ ``emr.gallery_cover`` of a and of b; ``iou_union`` = its IoU
-        with a ∪ b is ≥ γ_O (``mmg.gamma_o``). Of several matches, the one with the highest IoU
-        with a ∪ b is returned.
-        """
-        self._check(a, "a")
-        self._check(b, "b")
-        return self.covering_masks(torch.stack([a, b]), np.array([[0, 1]]))[0]
-
-    def covering_masks(self, masks: torch.Tensor, pairs: np.ndarray
-                       ) -> list[torch.Tensor | None]:
-        """``covering_mask(masks[i], masks[j])`` for every row (i, j) of ``pairs`` (K, 2).
-
-        masks: (N, h, w) bool. The pairs are answered together, so that the device is read a
-        fixed number of times however many pairs there are: once for the masks (prompts, areas
-        and boxes are counted on the host), once for the ``cover_each`` pre-test, once for all
-        answers. Prompts are decoded in pair order, as K calls of ``covering_mask`` would.
-        """
-        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        if self.cfg["emr.gallery_match"] not in ("cover_each", "iou_union"):
-            raise ValueError("covering_masks answers emr.gallery_match cover_each or iou_union; "
-                             "mutual is emr.mutual_covers")
-        if masks.dtype != torch.bool or tuple(masks.shape[1:]) != self._hw:
-            raise ValueError(f"masks must be (N, {self._hw[0]}, {self._hw[1]}) bool, got "
-                             f"{masks.dtype} {tuple(masks.shape)}")
-        out: list[torch.Tensor | None] = [None] * len(pairs)
-        if len(pairs) == 0:
-            return out
-        host = masks.cpu().numpy()
-        plans = [self._cover_plan(k, (int(i), int(j)), host[i], host[j])
-                 for k, (i, j) in enumerate(pairs)]
-        live = [plan for plan in plans if plan is not None]
-        if live and self.cfg["emr.gallery_match"] == "cover_each":
-            live = self._cover_smaller(masks, live)
-        if not live:
-            return out
-        found = []
-        for plan, (cand, counts) in zip(live, self._upload(live)):
-            crop = self._masks[(cand[0], cand[1]) + plan.box]  # (C, h', w')
-            ref = torch.stack([masks[k] for k in plan.pair])[(slice(None),) + plan.box]
-            # |g ∩ a|, |g ∩ b|, |g ∩ (a ∪ b)| on the box of a ∪ b; |g| from the stored areas.
-            inter = pairwise_intersection(crop, torch.cat([ref, ref.any(0, keepdim=True)]))
-            union = cand[2].float() + float(plan.counts[2]) - inter[:, 2]
-            iou_u = inter[:, 2] / union.clamp(min=1.0)
-            if self.cfg["emr.gallery_match"] == "cover_each":
-                share = inter[:, :2] / counts[:2].float()
-                ok = (share >= self.cfg["emr.gallery_cover"]).all(1)
-            else:
-                ok = iou_u >= self.cfg["mmg.gamma_o"]
-            found.append(torch.stack([torch.where(ok, iou_u, -1.0).argmax(), ok.any().long()]))
-        for plan, (k, hit) in zip(live, torch.stack(found).cpu().numpy()):
-            if hit:
-                out[plan.index] = self._masks[int(plan.cand[0, k]), int(plan.cand[1, k])].clone()
-        return out
-
-    def _upload(self, plans: list[_Plan]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The plans' candidates (3, C) and counts (3,) on the device, in one transfer."""
-        flat = np.concatenate([np.concatenate([p.counts, p.cand.ravel()]) for p in plans])
-        up = torch.as_tensor(flat, device=self._masks.device)
-        out, off = [], 0
-        for p in plans:
-            c = p.cand.shape[1]
-            out.append((up[off + 3:off + 3 + 3 * c].view(3, c), up[off:off + 3]))
-            off += 3 + 3 * c
-        return out
-
-    def _cover_smaller(self, masks: torch.Tensor, plans: list[_Plan]) -> list[_Plan]:
-        """``cover_each`` pre-test: candidates that cover enough of the smaller mask, counted
-        exactly on its (small) box. The final test repeats it, so only failures are dropped."""
-        flags = []
-        for plan, (cand, counts) in zip(plans, self._upload(plans)):
-            small = masks[plan.pair[plan.small]][plan.small_box]
-            crop = self._masks[(cand[0], cand[1]) + plan.small_box]
-            share = pairwise_intersection(crop, small[None])[:, 0] / counts[plan.small].float()
-            flags.append(share >= self.cfg["emr.gallery_cover"])
-        keep = torch.cat(flags).cpu().numpy()
-        out, off = [], 0
-        for plan in plans:
-            k = keep[off:off + plan.cand.shape[1]]
-            off += k.size
-            if k.any():
-                out.append(plan._replace(cand=plan.cand[:, k]))
-        return out
-
-    def _cover_plan(self, index: int, pair: tuple[int, int], a: np.ndarray, b: np.ndarray
-                    ) -> _Plan | None:
-        """Host half of Eq.8 for one pair of (h, w) bool arrays: None when no candidate can
-        match."""
-        union = a | b
-        idx = self.prompts_in(union)
-        n_a, n_b = np.count_nonzero(a), np.count_nonzero(b)
-        if idx.size == 0 or n_a == 0 or n_b == 0:
-            return None
-        self._ensure(idx)
-        n_union = np.count_nonzero(union)
-        box = bbox_slices(union)
-        # Necessary conditions on the stored areas (IoU and shares are at most the area ratio);
-        # the slack absorbs float32 rounding. Survivors keep their order, so the arg-max on the
-        # device picks the same mask as over all candidates.
-        g_area = self._areas[idx].reshape(-1)  # candidate k: prompt idx[k // 2], level k % 2
-        if self.cfg["emr.gallery_match"] == "cover_each":
-            keep = g_area >= (float(self.cfg["emr.gallery_cover"]) - 1e-6) * max(n_a, n_b)
-        else:
-            bound = np.minimum(g_area, n_union) / np.maximum(np.maximum(g_area, n_union), 1)
-            keep = bound >= float(self.cfg["mmg.gamma_o"]) - 1e-6
-        cand = np.nonzero(keep)[0]
-        if cand.size == 0:
-            return None
-        small = 0 if n_a <= n_b else 1  # the first of equal areas, as a stable sort
-        return _Plan(index, pair, np.stack([idx[cand // 2], cand % 2, g_area[cand]]),
-                     np.array([n_a, n_b, n_union], dtype=np.int64), box, small,
-                     bbox_slices((a, b)[small]))
-
-    def covering(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        """Whether some gallery mask encompasses both a and b (``covering_mask`` is not None)."""
-        return self.covering_mask(a, b) is not None

@@ -292,7 +292,7 @@ def test_split_equals_the_recounting_reference(assign: str, order: str, fallback
 
 
 def test_similarity_chunks_equal_dense(monkeypatch):
-    import esam_core.emr as emr_module
+    import esam_core.emr.merge as emr_module
 
     rng = np.random.default_rng(0)
     k_all, n = 300, 5
@@ -303,3 +303,31 @@ def test_similarity_chunks_equal_dense(monkeypatch):
     dense = emr_module.similarity_matrix(own, cells, feats, 3)
     monkeypatch.setattr(emr_module, "_TOPK_ROWS", 7)
     assert torch.equal(emr_module.similarity_matrix(own, cells, feats, 3), dense)
+
+
+@pytest.mark.parametrize("share", [0.34, 0.5, 1.0])
+def test_mutual_votes_decided_early_equal_votes_over_every_prompt(share: float):
+    # Pieces of a random scene; the early-stopping vote must give the all-prompts answer while
+    # decoding fewer prompts.
+    scene = random_scene(H, W, n_objects=8, seed=6)
+    cfg = gallery_config(emr__mutual_share=share)
+    leaves = [int(n) for n in np.unique(scene.leaves)]  # parts of objects: some are one entity
+    ents = emr.entities_by_score(mask_set([torch.from_numpy(scene.leaves == n) for n in leaves],
+                                          [0.9] * len(leaves)))
+    pairs = np.argwhere(np.triu(emr.adjacency(ents.own).numpy(), 1))
+    lazy = Gallery(SceneBackend(scene), cfg, lazy=True)
+    got = emr.mutual_covers(ents.own, pairs, lazy, cfg)
+    full = Gallery(SceneBackend(scene), cfg, lazy=False)
+    for (i, j), g in zip(pairs, got):
+        votes = []
+        for k in (i, j):
+            idx = full.prompts_in(ents.own[k])
+            if idx.size == 0:
+                idx = np.array([full.nearest_prompt(ents.own[k])])
+            masks, _ = full.masks(idx)
+            o = masks[:, 0]  # object level
+            share_of = [(o & ents.own[t]).flatten(1).sum(1) / ents.own[t].sum() for t in (i, j)]
+            yes = int(((share_of[0] >= 0.5) & (share_of[1] >= 0.5)).sum())
+            votes.append(yes >= max(1, int(np.ceil(share * idx.size - 1e-9))))
+        assert (g is not None) == all(votes), (i, j)
+    assert sum(g is not None for g in got) > 0 and lazy.decoded_prompts < len(lazy)

@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from esam_core import emr, mmg, pipeline, usr
 from esam_core.config import Config
+from esam_core.emr import merge as emr_merge
 from esam_core.gallery import Gallery
 from esam_core.scene import Scene, SceneBackend, random_scene
 
@@ -185,11 +186,10 @@ def count_syncs(mp: pytest.MonkeyPatch, cfg: Config, scene: Scene, scale: float,
                              (mmg.MMGResult, "_part_levels", "mmg_parts")):
         mp.setattr(mod, name, staged(stage, getattr(mod, name)))
     mp.setattr(Gallery, "guidance_for_prompts", event("guided", Gallery.guidance_for_prompts))
-    if hasattr(Gallery, "covering_masks"):
-        mp.setattr(Gallery, "covering_masks", event("candidates", Gallery.covering_masks,
-                                                    lambda self, masks, pairs: len(pairs)))
-    else:  # the code before covering_masks: one call per candidate
-        mp.setattr(Gallery, "covering_mask", event("candidates", Gallery.covering_mask))
+    mp.setattr(Gallery, "masks", event("voted", Gallery.masks))
+    mp.setattr(Gallery, "prompts_in", event("regions", Gallery.prompts_in))
+    mp.setattr(emr_merge, "covering_masks", event("candidates", emr_merge.covering_masks,
+                                                  lambda gallery, masks, pairs: len(pairs)))
     backend = Nested(scene, lowres_scale=scale)
     for name in ("decode_points", "sample_features"):  # the model, not post-processing
         orig = getattr(backend, name)
@@ -233,22 +233,25 @@ def test_syncs_per_stage_stay_bounded(monkeypatch, name: str):
     split_decodes, guided = events[("emr_split", "decodes")], events[("emr_split", "guided")]
     merge_decodes, usr_decodes = events[("emr_merge", "decodes")], events[("usr", "decodes")]
     merge_guided = events[("emr_merge", "guided")]
+    # The mutual reading votes piece by piece: per piece one read of its prompts, per vote (a
+    # decoded chunk of the piece's prompts) one read of the shares.
+    votes, pieces = events[("emr_merge", "voted")], events[("emr_merge", "regions")]
     assert {s: events[(s, "calls")] for s in ("emr_split", "emr_merge", "usr")} == {
         "emr_split": 1, "emr_merge": 1, "usr": 1}
     if cfg["emr.nested"] == "guidance":
         assert guided >= 10
     if cfg["emr.gallery_match"] == "mutual":
-        assert merge_guided >= 5 and events[("emr_merge", "candidates")] == 0
+        assert votes >= 5 and events[("emr_merge", "candidates")] == 0
     else:
-        assert events[("emr_merge", "candidates")] >= 5 and merge_guided == 0
+        assert events[("emr_merge", "candidates")] >= 5 and votes == merge_guided == 0
     assert counts["usr_regions"] >= 10 and usr_decodes >= 1
     # Bounds: a few transfers per stage, one or two per decoded batch (its scores, or M_A's
-    # masks and scores), and per guidance mask two reads (the grouping's IoUs, the guidance mask,
-    # or the prompts inside a piece) and one index upload. Nothing per overlapping pair, per merge
-    # candidate or per region.
+    # masks and scores), per guidance mask two reads (the grouping's IoUs, the guidance mask)
+    # and one index upload, per vote one read and two uploads. Nothing per overlapping pair, per
+    # pair of candidates tested at once, or per region.
     bounds = {"emr_split": (4 + split_decodes + 2 * guided, 3 + split_decodes + guided),
-              "emr_merge": (4 + merge_decodes + 2 * merge_guided,
-                            4 + merge_decodes + merge_guided),
+              "emr_merge": (4 + merge_decodes + 2 * merge_guided + pieces + votes,
+                            4 + merge_decodes + merge_guided + 2 * votes),
               "usr": (5 + 2 * usr_decodes, 5 + usr_decodes)}
     for stage, (max_d2h, max_h2d) in bounds.items():
         assert d2h.get(stage, 0) <= max_d2h, (stage, max_d2h, counter.detail(stage))
