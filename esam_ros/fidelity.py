@@ -41,11 +41,17 @@ SWITCHES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("emr.no_prompt_fallback", ("carve_larger", "nearest_prompt")),
     ("emr.top_k", (3, 5)),
     ("emr.require_adjacent", (True, False)),
-    ("emr.gallery_match", ("cover_each", "iou_union")),
+    ("emr.nested", ("keep_smaller", "guidance")),
+    ("emr.sliver_width", (1.0, 0.0)),
+    ("emr.gallery_match", ("mutual", "cover_each", "iou_union")),
+    ("emr.mutual_vote", ("majority", "mode")),
+    ("emr.mutual_share", (0.34, 0.5)),
+    ("emr.mutual_level", ("object", "guidance")),
     ("emr.merged_mask", ("union_of_pieces", "gallery_union")),
     ("usr.coverage_thresh", (0.5, 0.1)),
     ("usr.containing_mask", ("smallest", "largest")),
     ("usr.sam_output", ("best_score", "object_level")),
+    ("usr.prefilter", ("iou", "amg", "none")),
     ("output.score", ("pred_iou", "pred_iou_x_stability", "area_weighted")),
 )
 _TABLE3 = (("MMG", (True, False, False)), ("EMR", (False, True, False)),
@@ -61,7 +67,8 @@ class Row:
 
 
 def build_rows(cfg: Config, which: str = "all") -> list[Row]:
-    """AMG, SAM^O, E-SAM defaults; with ``which="all"`` also Table 3 and every switch."""
+    """AMG, SAM^O, E-SAM defaults (``core``); ``table3`` adds the other module combinations of
+    the paper's Table 3, ``all`` also every interpretation switch."""
     rows = [Row("AMG", {"mode": "amg"}), Row("SAM^O", {"mode": "sam_o"}),
             Row("E-SAM", {"mode": "esam"})]
     if which == "core":
@@ -69,6 +76,8 @@ def build_rows(cfg: Config, which: str = "all") -> list[Row]:
     for name, (m, e, u) in _TABLE3:
         rows.append(Row(f"E-SAM {name}", {"mode": "esam", "modules.mmg": m, "modules.emr": e,
                                           "modules.usr": u}))
+    if which == "table3":
+        return rows
     for key, values in SWITCHES:
         for value in values:
             if value != cfg[key]:
@@ -262,8 +271,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also COCO instance annotations of photographs (default: none)")
     p.add_argument("--images", type=Path,
                    help="folder of the --coco images (default: the annotation file's folder)")
-    p.add_argument("--rows", choices=("core", "all"), default="all",
-                   help="core = AMG, SAM^O, E-SAM; all = also Table 3 and every switch")
+    p.add_argument("--rows", choices=("core", "table3", "all"), default="all",
+                   help="core = AMG, SAM^O, E-SAM; table3 = also the other module combinations; "
+                        "all = also every interpretation switch")
     p.add_argument("--columns", default=",".join(COLUMNS), help="failure columns to run")
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply every failure rate")
     p.add_argument("--lowres", type=int, default=256, help="working grid long side (SAM: 256)")
