@@ -8,6 +8,7 @@ official ViT-B/L/H (1024 px input, 64×64 embedding, 256×256 masks) and ``test_
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import logging
 
@@ -118,6 +119,16 @@ class SamBackend:
         side = size // 4  # the mask decoder predicts img_size/4 squared over the padded input
         in_h, in_w = self.predictor.input_size
         self._lowres_hw = (-(-in_h * side // size), -(-in_w * side // size))  # ceil
+
+    def bind(self, rgb: np.ndarray) -> SamBackend:
+        """A backend for this image alone: it shares the model but holds its own encoder
+        features, so encoding the next frame (perhaps in another thread) leaves it intact."""
+        if self.model is None:
+            raise RuntimeError("SamBackend was released; build a new one")
+        frame = copy.copy(self)
+        frame.predictor = SamPredictor(self.model)
+        frame.set_image(rgb)
+        return frame
 
     @property
     def image_hw(self) -> tuple[int, int]:

@@ -1,10 +1,13 @@
 """`esam bench`: time SAM's AMG and E-SAM on the same backend, grid and image, in one process.
 
-Prints per-stage median times, decoded-prompt counts, the E-SAM/AMG ratio, the post-processing
-share of E-SAM's time (everything but encoder and decoder) and, on CUDA, peak GPU memory. Backends:
-``sam`` (the configured SAM; ``--random-weights vit_h`` builds a real-size SAM with random weights,
-timing only) or ``scene`` (the deterministic scene backend with realistic mask counts, to time the
-post-processing alone). Every figure is labelled with the backend it came from.
+AMG and E-SAM runs alternate (one warm-up each, then ``--repeat`` interleaved pairs), so a machine
+that slows down or speeds up during the run affects both alike; medians are reported. Prints
+per-stage median times, frames per second, decoded-prompt counts (and the share of the gallery
+grid decoded), the E-SAM/AMG ratio, the post-processing share of E-SAM's time (everything but
+encoder and decoder) and, on CUDA, peak GPU memory. Backends: ``sam`` (the configured SAM;
+``--random-weights vit_h`` builds a real-size SAM with random weights, timing only), ``simulator``
+(the SAM-behaviour simulator on a generated scene: realistic mask sets, SAM's failures, cheap
+answers) or ``scene`` (the hand-made scene backend). Every figure names its backend.
 """
 
 from __future__ import annotations
@@ -32,37 +35,50 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_options(p, "test_tiny.yaml")
     p.add_argument("--image", type=Path, help="image file (default: a synthetic cluttered scene)")
     p.add_argument("--size", default="640x480", help="synthetic image size WxH")
-    p.add_argument("--backend", choices=("sam", "scene"), default="sam",
-                   help="sam: the configured SAM; scene: the fake scene backend")
+    p.add_argument("--backend", choices=("sam", "simulator", "scene"), default="sam",
+                   help="sam: the configured SAM; simulator: the SAM-behaviour simulator on a "
+                        "generated scene; scene: the hand-made scene backend")
     p.add_argument("--random-weights", choices=("vit_b", "vit_l", "vit_h"),
                    help="real-size SAM with random weights, timing only (default: off)")
     p.add_argument("--grids", default=None,
                    help="main/gallery points per side, e.g. 16/32 (default: the config's)")
     p.add_argument("--device", default=None, help="model.device (default: the config's)")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="timed AMG/E-SAM pairs, interleaved, after one warm-up each")
     p.add_argument("--json", type=Path, help="also write the results here (default: none)")
     p.set_defaults(func=run)
 
 
 def _image_and_scene(args: argparse.Namespace):
-    from esam_core.scene import random_scene
-
+    """The image, and the ground truth a fake backend answers from (None for --image)."""
     if args.image is not None:
         from esam_core.image_io import read_rgb
 
         return read_rgb(args.image), None
     w, h = (int(v) for v in args.size.lower().split("x"))
+    if args.backend == "simulator":
+        from esam_core.backends.sim_scenes import generated_scene
+
+        scene = generated_scene(0, h, w)
+        return scene.image, scene
+    from esam_core.scene import random_scene
+
     scene = random_scene(h, w, n_objects=60, seed=0)
     return scene.render(), scene
 
 
 def _backend(args: argparse.Namespace, cfg: Config, scene):
-    if args.backend == "scene":
+    if args.backend in ("scene", "simulator"):
+        if scene is None:
+            raise ValueError(f"--backend {args.backend} needs the synthetic image (no --image)")
+        h, w = scene.leaves.shape
+        if args.backend == "simulator":
+            from esam_core.backends.simulator import FailureRates, SamSimulator
+
+            return (SamSimulator(scene, FailureRates(), lowres_long_side=256),
+                    "SAM-behaviour simulator (fake backend, default failure rates)")
         from esam_core.scene import SceneBackend
 
-        if scene is None:
-            raise ValueError("--backend scene needs the synthetic image (no --image)")
-        h, w = scene.leaves.shape
         # Same working grid as real SAM: low-res masks have a 256-cell long side at 1024 px.
         return SceneBackend(scene, lowres_scale=256 / max(h, w)), "scene (fake backend)"
     from esam_core.backend import SamBackend
@@ -72,23 +88,31 @@ def _backend(args: argparse.Namespace, cfg: Config, scene):
     return SamBackend(cfg, random_weights=bool(args.random_weights)), label
 
 
-def measure(segmenter: EntitySegmenter, rgb: np.ndarray, repeat: int) -> dict:
-    """Median stage timings (s), counts and peak CUDA memory of ``repeat`` runs after a warm-up."""
-    segmenter.segment(rgb)  # warm-up: lazy inits, allocator, cudnn autotune
-    cuda = segmenter.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(segmenter.device)
-    runs = [segmenter.segment(rgb) for _ in range(max(1, repeat))]
-    stages = sorted({k for r in runs for k in r.timings})
-    timings = {k: statistics.median(r.timings.get(k, 0.0) for r in runs) for k in stages}
-    model = sum(v for k, v in timings.items() if k in _MODEL_STAGES or k.startswith("decode"))
-    return {
-        "timings": timings,
-        "postprocess": timings["total"] - model,
-        "counts": runs[-1].counts,
-        "entities": len(runs[-1].entities),
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated(segmenter.device) if cuda else None,
-    }
+def measure(segmenters: dict[str, EntitySegmenter], rgb: np.ndarray, repeat: int) -> dict:
+    """Per mode: median stage timings (s), counts and peak CUDA memory of ``repeat`` runs, the
+    modes interleaved after one warm-up each."""
+    for seg in segmenters.values():
+        seg.segment(rgb)  # warm-up: lazy inits, allocator, cudnn autotune, backend caches
+    device = next(iter(segmenters.values())).device
+    cuda = device.type == "cuda"
+    runs: dict[str, list] = {mode: [] for mode in segmenters}
+    peak: dict[str, int | None] = {mode: None for mode in segmenters}
+    for _ in range(max(1, repeat)):
+        for mode, seg in segmenters.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            runs[mode].append(seg.segment(rgb))
+            if cuda:
+                peak[mode] = max(peak[mode] or 0, torch.cuda.max_memory_allocated(device))
+    out = {}
+    for mode, rs in runs.items():
+        stages = sorted({k for r in rs for k in r.timings})
+        timings = {k: statistics.median(r.timings.get(k, 0.0) for r in rs) for k in stages}
+        model = sum(v for k, v in timings.items() if k in _MODEL_STAGES or k.startswith("decode"))
+        out[mode] = {"timings": timings, "postprocess": timings["total"] - model,
+                     "fps": 1.0 / max(timings["total"], 1e-9), "counts": rs[-1].counts,
+                     "entities": len(rs[-1].entities), "peak_gpu_bytes": peak[mode]}
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,20 +127,21 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, overrides)
     rgb, scene = _image_and_scene(args)
     backend, label = _backend(args, cfg, scene)
-    results = {}
-    for mode in ("amg", "esam"):
-        segmenter = EntitySegmenter(cfg.updated({"mode": mode}), backend=backend)
-        results[mode] = measure(segmenter, rgb, args.repeat)
+    segmenters = {mode: EntitySegmenter(cfg.updated({"mode": mode}), backend=backend)
+                  for mode in ("amg", "esam")}
+    results = measure(segmenters, rgb, args.repeat)
+    esam = results["esam"]
+    grid = int(cfg["gallery.points_per_side"]) ** 2
     report = {
         "backend": label, "device": str(backend.device), "machine": platform.processor() or
         platform.machine(), "cpu_threads": torch.get_num_threads(),
         "image_hw": list(rgb.shape[:2]), "lowres_hw": list(backend.lowres_hw),
         "grids": f"{cfg['mmg.points_per_side']}/{cfg['gallery.points_per_side']}",
-        "results": results,
-        "ratio_esam_over_amg": results["esam"]["timings"]["total"]
+        "repeat": args.repeat, "results": results,
+        "ratio_esam_over_amg": esam["timings"]["total"]
         / max(results["amg"]["timings"]["total"], 1e-9),
-        "esam_postprocess_share": results["esam"]["postprocess"]
-        / max(results["esam"]["timings"]["total"], 1e-9),
+        "esam_postprocess_share": esam["postprocess"] / max(esam["timings"]["total"], 1e-9),
+        "gallery_decoded_share": esam["counts"].get("gallery_prompts", 0) / grid,
     }
     _print(report)
     if args.json:
@@ -135,5 +160,8 @@ def _print(report: dict) -> None:
                if res["peak_gpu_bytes"] is not None else "")
         print(f"{mode:5s} {stages}\n      post-processing={res['postprocess'] * 1000:.0f}ms  "
               f"entities={res['entities']}  prompts={prompts}{mem}")
-    print(f"ratio E-SAM/AMG = {report['ratio_esam_over_amg']:.2f}   "
-          f"E-SAM post-processing share = {report['esam_postprocess_share'] * 100:.1f} %")
+    print(f"summary [{report['backend']}, {report['device']}, {report['grids']}, "
+          f"{report['image_hw'][1]}x{report['image_hw'][0]}]: E-SAM/AMG = "
+          f"{report['ratio_esam_over_amg']:.2f}, E-SAM {report['results']['esam']['fps']:.2f} "
+          f"fps, post-processing {report['esam_postprocess_share'] * 100:.0f} %, gallery "
+          f"decoded {report['gallery_decoded_share'] * 100:.0f} %")

@@ -89,8 +89,11 @@ class Gallery:
         for start in range(0, todo.size, batch):
             part = todo[start:start + batch]
             decoded = self.backend.decode_points(self.points[part])
-            masks, scores, areas = mmg.object_and_best(decoded)
-            self._masks[torch.as_tensor(part, device=self._masks.device)] = masks
+            levels, scores, areas = mmg.object_and_best(decoded)
+            rows = torch.arange(len(part), device=levels.device)
+            at = torch.as_tensor(part, device=self._masks.device)
+            for k in (OBJECT, BEST):  # straight into the store: no (n, 2, h, w) copy
+                self._masks[at, k] = decoded.foreground[rows, levels[:, k]]
             # One transfer for both (float64 holds the float32 scores and the counts exactly).
             host = torch.cat([scores.double(), areas.double()], 1).cpu().numpy()
             self._scores[part] = host[:, :2]

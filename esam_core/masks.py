@@ -15,10 +15,13 @@ from torchvision.ops import box_iou
 _CHUNK = 512
 #: Most mask cells ``mask_nms`` converts to float at once (64 MB of float32).
 _FLOAT_BUDGET = 1 << 24
+#: Up to this many cells (512 MB of float32) ``mask_nms`` converts its masks to float once, not
+#: per block (the conversion costs more than the products on a CPU).
+_FLOAT_CACHE = 1 << 27
 #: Candidates ``mask_nms`` resolves per block (next unassigned masks by score).
 _BLOCK = 32
-#: Count CPU masks with numpy (faster than torch there); tests that stand a CPU in for a GPU
-#: turn it off to follow the device path.
+#: Count and bound CPU masks with numpy (faster than torch there); tests that stand a CPU in for a
+#: GPU turn it off to follow the device path.
 _NUMPY_ON_CPU = True
 
 
@@ -33,16 +36,25 @@ def mask_areas(masks: torch.Tensor) -> torch.Tensor:
     return masks.view(torch.uint8).sum(1, dtype=torch.int16).sum(1, dtype=torch.int64)
 
 
-def pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def pairwise_intersection(a: torch.Tensor, b: torch.Tensor,
+                          a_float: torch.Tensor | None = None) -> torch.Tensor:
     """|a_i ∩ b_j| for all pairs: (M, h, w), (K, h, w) bool -> (M, K) float32.
 
-    float32 products of 0/1 values are exact up to 2^24 pixels per mask.
+    float32 products of 0/1 values are exact up to 2^24 pixels per mask. ``a_float`` (M, h*w)
+    float32, if given, is ``a`` already converted (same products, without the conversion).
     """
     if a.shape[0] == 0 or b.shape[0] == 0:
         return torch.zeros(a.shape[0], b.shape[0], device=a.device)
     bf = b.flatten(1).float().T  # (hw, K)
-    rows = [a[i:i + _CHUNK].flatten(1).float() @ bf for i in range(0, a.shape[0], _CHUNK)]
+    af = a_float if a_float is not None else a.flatten(1)
+    rows = [af[i:i + _CHUNK].float() @ bf for i in range(0, a.shape[0], _CHUNK)]
     return torch.cat(rows)
+
+
+def float_masks(masks: torch.Tensor) -> torch.Tensor | None:
+    """(M, h*w) float32 copy of (M, h, w) bool masks for repeated products, or None when it would
+    exceed ``_FLOAT_CACHE`` cells (callers then convert chunk by chunk)."""
+    return masks.flatten(1).float() if masks.numel() <= _FLOAT_CACHE else None
 
 
 def _iou_from(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor) -> torch.Tensor:
@@ -64,8 +76,12 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     m, h, w = masks.shape
     if m == 0:
         return torch.zeros(0, 4, device=masks.device)
-    u = masks.view(torch.uint8)  # uint8 max-reductions vectorise, bool any() does not
-    rows, cols = u.amax(2) > 0, u.amax(1) > 0  # (M, h), (M, w)
+    if masks.device.type == "cpu" and _NUMPY_ON_CPU:  # numpy's any() is ~5x faster there
+        host = masks.numpy()
+        rows, cols = torch.from_numpy(host.any(2)), torch.from_numpy(host.any(1))
+    else:
+        u = masks.view(torch.uint8)  # uint8 max-reductions vectorise, bool any() does not
+        rows, cols = u.amax(2) > 0, u.amax(1) > 0  # (M, h), (M, w)
     ar_h = torch.arange(h, device=masks.device)
     ar_w = torch.arange(w, device=masks.device)
     big = max(h, w) + 1
@@ -109,7 +125,8 @@ def greedy_nms(overlap: torch.Tensor, scores: torch.Tensor,
 
 
 def mask_nms(masks: torch.Tensor, scores: torch.Tensor, thresholds: float | torch.Tensor | None,
-             iou: str = "mask") -> tuple[torch.Tensor, torch.Tensor]:
+             iou: str = "mask", masks_float: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy NMS of a mask set by mask IoU (``iou="mask"``) or box IoU (``"box"``, AMG style).
 
     Exactly ``greedy_nms(pairwise_iou(masks), scores, thresholds)`` (or of ``box_iou``), but for
@@ -120,6 +137,7 @@ def mask_nms(masks: torch.Tensor, scores: torch.Tensor, thresholds: float | torc
         scores: (M,) float; visited by descending score, ties in index order.
         thresholds: IoU threshold, scalar or (M,) per mask (Adaptive NMS); ``None`` (mask IoU
             only) groups identical masks only (all empty masks are identical).
+        masks_float: (M, h*w) float32 ``masks`` already converted (``float_masks``), or None.
 
     Returns ``keep`` and ``assign`` as in ``greedy_nms``.
     """
@@ -130,7 +148,7 @@ def mask_nms(masks: torch.Tensor, scores: torch.Tensor, thresholds: float | torc
         return greedy_nms(box_iou(boxes, boxes), scores, thresholds)
     if iou != "mask":
         raise ValueError(f"mask_nms: iou must be 'mask' or 'box', got {iou!r}")
-    return _BlockedNMS(masks, thresholds).run(scores)
+    return _BlockedNMS(masks, thresholds, masks_float).run(scores)
 
 
 class _BlockedNMS:
@@ -144,7 +162,8 @@ class _BlockedNMS:
     compared is computed with ``pairwise_iou``'s formula, so keep and assign equal the dense ones.
     """
 
-    def __init__(self, masks: torch.Tensor, thresholds: float | torch.Tensor | None) -> None:
+    def __init__(self, masks: torch.Tensor, thresholds: float | torch.Tensor | None,
+                 masks_float: torch.Tensor | None = None) -> None:
         self.m = masks.shape[0]
         self.flat = masks.flatten(1)  # (M, hw) bool
         area = mask_areas(masks)
@@ -155,6 +174,13 @@ class _BlockedNMS:
         thr = torch.as_tensor(1.0 if self.same else thresholds, dtype=torch.float32)
         self.thr = thr.expand(self.m).cpu().numpy()
         self.thr_t = torch.as_tensor(self.thr, device=masks.device)
+        self._flatf = masks_float
+
+    def _float(self, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx), hw) float32 rows of the masks (0/1 products and sums are exact)."""
+        if self._flatf is None and self.flat.numel() <= _FLOAT_CACHE:
+            self._flatf = self.flat.float()
+        return self._flatf[idx] if self._flatf is not None else self.flat[idx].float()
 
     def _feasible(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """(R, C) bool: pairs that may pass the test (a superset: never misses a hit)."""
@@ -178,10 +204,14 @@ class _BlockedNMS:
             return out
         dev = self.flat.device
         r, c = (torch.as_tensor(x, device=dev) for x in (rows[ri], cols[ci]))
-        a = self.flat[r].float()  # (R', hw), at most _BLOCK rows
-        step = max(1, _FLOAT_BUDGET // max(1, self.flat.shape[1]))
-        inter = torch.cat([a @ self.flat[c[s:s + step]].float().T
-                           for s in range(0, c.numel(), step)], 1)
+        a = self._float(r)  # (R', hw), at most _BLOCK rows
+        if self._flatf is not None and 4 * ci.size >= self.m:
+            # Many columns: one product with every mask beats gathering a quarter or more.
+            inter = (a @ self._flatf.T)[:, c]
+        else:
+            step = max(1, _FLOAT_BUDGET // max(1, self.flat.shape[1]))
+            inter = torch.cat([a @ self._float(c[s:s + step]).T
+                               for s in range(0, c.numel(), step)], 1)
         if self.same:
             hit = (inter == self.areaf[r][:, None]) & (inter == self.areaf[c][None, :])
         else:

@@ -18,7 +18,7 @@ import torch
 from segment_anything.utils.amg import build_point_grid
 
 from esam_core.config import Config
-from esam_core.masks import mask_areas, mask_nms, pairwise_intersection, pairwise_iou
+from esam_core.masks import float_masks, mask_areas, mask_nms, pairwise_intersection, pairwise_iou
 from esam_core.types import Decoded, MaskSet
 
 LEVELS = ("object", "part", "subpart")
@@ -152,10 +152,11 @@ def _rows(fg: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return fg if index.numel() == fg.shape[0] else fg[index]
 
 
-def mean_density(masks: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+def mean_density(masks: torch.Tensor, density: torch.Tensor,
+                 masks_float: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of an (h, w) density over each mask: (M, h, w) bool -> (M,) float32 (0 if empty)."""
     # The "intersection" of a bool mask with a float map is the masked sum (a chunked product).
-    total = pairwise_intersection(masks, density[None])
+    total = pairwise_intersection(masks, density[None], masks_float)
     return total[:, 0] / mask_areas(masks).float().clamp(min=1.0)
 
 
@@ -171,8 +172,9 @@ def adaptive_nms(ms: MaskSet, density: torch.Tensor, cfg: Config) -> MaskSet:
 def _adaptive_keep(masks: torch.Tensor, scores: torch.Tensor, density: torch.Tensor,
                    cfg: Config) -> torch.Tensor:
     """``adaptive_nms`` on bare masks: (K,) int64 kept indices by descending score."""
-    thr = mean_density(masks, density).clamp(min=float(cfg["mmg.adaptive_nms.base"]))
-    return mask_nms(masks, scores, thr, iou=cfg["mmg.nms_iou"])[0]
+    as_float = float_masks(masks)  # one conversion for the density and the NMS products
+    thr = mean_density(masks, density, as_float).clamp(min=float(cfg["mmg.adaptive_nms.base"]))
+    return mask_nms(masks, scores, thr, iou=cfg["mmg.nms_iou"], masks_float=as_float)[0]
 
 
 def run_mmg(levels: LevelMasks, density: torch.Tensor | Callable[[], torch.Tensor],
@@ -252,16 +254,14 @@ def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch
     same mask), B = the output with the highest predicted IoU. SAM's index order is not trusted.
 
     Returns:
-        masks: (N, 2, h, w) bool, O then B.
+        levels: (N, 2) int64, the output index of O then B (masks: ``decoded.foreground``).
         scores: (N, 2) float32, S^64O then S^64B.
         areas: (N, 2) int64 cell counts of O and B.
     """
     fg = decoded.foreground  # (N, 3, h, w)
     n, _, h, w = fg.shape
-    rows = torch.arange(n, device=fg.device)
-    areas = mask_areas(fg.reshape(n * 3, h, w)).view(n, 3)
-    o = areas.argmax(1)  # the first of equal areas
-    b = decoded.iou.argmax(1)
-    masks = torch.stack([fg[rows, o], fg[rows, b]], 1)
-    scores = torch.stack([decoded.iou[rows, o], decoded.iou[rows, b]], 1).float()
-    return masks, scores, torch.stack([areas[rows, o], areas[rows, b]], 1)
+    rows = torch.arange(n, device=decoded.iou.device)
+    areas = mask_areas(fg.reshape(n * 3, h, w)).view(n, 3).to(decoded.iou.device)
+    levels = torch.stack([areas.argmax(1), decoded.iou.argmax(1)], 1)  # O: first of equal areas
+    scores = decoded.iou[rows[:, None], levels].float()
+    return levels, scores, areas[rows[:, None], levels]

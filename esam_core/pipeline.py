@@ -10,9 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import partial
 
 import cv2
@@ -24,8 +22,11 @@ from esam_core.config import PARAMETERS, Config, ConfigError
 from esam_core.gallery import Gallery
 from esam_core.labels import build_label_map, entity_scores, paint_entities, paint_masks
 from esam_core.masks import to_cells
+from esam_core.stages import Cancelled, CountingBackend, Prepared, Stages
 from esam_core.superpixels import density_map, felzenszwalb_labels, superpixels_from_labels
-from esam_core.types import Decoded, Entities, EntitySegmentation, MaskSet, PromptBackend
+from esam_core.types import Entities, EntitySegmentation, MaskSet, PromptBackend
+
+__all__ = ["Cancelled", "EntitySegmenter", "Prepared", "as_rgb"]
 
 log = logging.getLogger(__name__)
 
@@ -49,100 +50,6 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image has zero size: {image.shape}")
     return np.ascontiguousarray(image)
-
-
-class Cancelled(Exception):
-    """``EntitySegmenter.segment`` stopped early because its ``cancel`` event was set."""
-
-
-class _Stages:
-    """Per-stage wall-clock timings (perf_counter, with device sync) and decoded-prompt counts.
-
-    Decoder time spent inside a post-processing stage (lazy gallery, USR prompts) is booked to
-    ``decode_<stage>`` and subtracted from the stage itself, so the two are reported apart.
-    With a ``cancel`` event, entering a stage and every decoder batch first checks it (raising
-    ``Cancelled``): the longest step that cannot be cancelled is the encoder or one batch.
-    """
-
-    def __init__(self, backend: PromptBackend, cancel: threading.Event | None = None,
-                 batch: int = 64) -> None:
-        self.backend = backend
-        self.timings: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self._stage = "setup"
-        self._decode_time = 0.0
-        self._cancel, self._batch = cancel, max(1, batch)
-
-    def check(self) -> None:
-        """Raise ``Cancelled`` if the cancel event is set."""
-        if self._cancel is not None and self._cancel.is_set():
-            raise Cancelled(f"cancelled before {self._stage}")
-
-    def _sync(self) -> None:
-        sync = getattr(self.backend, "synchronize", None)
-        if sync is not None:
-            sync()
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        outer, self._stage = self._stage, name
-        self.check()
-        decode_before = self._decode_time
-        self._sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            inner = self._decode_time - decode_before
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0 - inner
-            self._stage = outer
-
-    def decode(self, points: np.ndarray) -> Decoded:
-        """``backend.decode_points`` with its time and prompt count booked to the current stage."""
-        self._sync()
-        t0 = time.perf_counter()
-        out = self._decode_batches(points) if self._cancel is not None else \
-            self.backend.decode_points(points)
-        self._sync()
-        dt = time.perf_counter() - t0
-        self._decode_time += dt
-        stage = self._stage.removeprefix("decode_")
-        self.timings[f"decode_{stage}"] = self.timings.get(f"decode_{stage}", 0.0) + dt
-        self.counts[f"prompts_{stage}"] = self.counts.get(f"prompts_{stage}", 0) + len(points)
-        return out
-
-    def _decode_batches(self, points: np.ndarray) -> Decoded:
-        """``decode_points`` one batch at a time (the backend's own batches, so the same
-        answer), checking the cancel event before each; filled into one preallocated result."""
-        parts = range(0, len(points), self._batch)
-        out = None
-        for s in parts:
-            self.check()
-            part = self.backend.decode_points(points[s:s + self._batch])
-            if out is None:
-                if len(part) == len(points):
-                    return part
-                out = Decoded(np.asarray(points, dtype=np.float64).reshape(-1, 2).copy(),
-                              *(t.new_empty((len(points), *t.shape[1:]))
-                                for t in (part.logits, part.iou, part.stability)))
-            for mine, theirs in zip((out.logits, out.iou, out.stability),
-                                    (part.logits, part.iou, part.stability)):
-                mine[s:s + len(part)] = theirs
-        return out if out is not None else self.backend.decode_points(points)
-
-
-class _CountingBackend:
-    """Forwards to a backend; routes ``decode_points`` through ``_Stages.decode``."""
-
-    def __init__(self, backend: PromptBackend, stages: _Stages) -> None:
-        self._backend, self._stages = backend, stages
-
-    def decode_points(self, points_xy: np.ndarray) -> Decoded:
-        return self._stages.decode(points_xy)
-
-    def __getattr__(self, name: str):
-        return getattr(self._backend, name)
 
 
 class EntitySegmenter:
@@ -195,23 +102,49 @@ class EntitySegmenter:
         ``cancel``: when set (by another thread), the call raises ``Cancelled`` at the next stage
         boundary or decoder batch (a node shutting down or deactivating).
         """
+        return self.finish(self.prepare(image, cancel), cancel)
+
+    def prepare(self, image: np.ndarray, cancel: threading.Event | None = None) -> Prepared:
+        """The first half of ``segment``: encode the image (and start its superpixels).
+
+        The result is bound to this image only, so a caller may ``prepare`` frame N+1 in one
+        thread while ``finish`` post-processes frame N in another (the encoder overlaps the
+        post-processing); ``finish(prepare(x))`` is exactly ``segment(x)``.
+        """
         cfg = self._cfg  # one snapshot per frame: runtime changes apply from the next frame
         rgb = as_rgb(image)
-        stages = _Stages(self.backend, cancel, cfg["model.points_per_batch"])
         t0 = time.perf_counter()
         mode = cfg["mode"]
-        if mode == "amg" and hasattr(self.backend, "amg_generator"):
+        if mode == "amg" and hasattr(self.backend, "amg_generator"):  # AMG encodes by itself
+            return Prepared(rgb, cfg, self.backend, Stages(self.backend, cancel,
+                                                            cfg["model.points_per_batch"]), t0)
+        # Superpixels need only the image: Felzenszwalb runs on the CPU while SAM encodes.
+        superpixels = (self._threads.submit(_timed, felzenszwalb_labels, rgb, cfg)
+                       if mode == "esam" else None)
+        stages = Stages(self.backend, cancel, cfg["model.points_per_batch"])
+        with stages("encoder"):
+            bind = getattr(self.backend, "bind", None)
+            if bind is not None:  # a backend of its own for this image
+                backend = bind(rgb)
+            else:
+                self.backend.set_image(rgb)
+                backend = self.backend
+        stages.backend = backend
+        return Prepared(rgb, cfg, backend, stages, t0, superpixels)
+
+    def finish(self, prepared: Prepared, cancel: threading.Event | None = None
+               ) -> EntitySegmentation:
+        """The second half of ``segment``: decode, MMG, EMR, USR and paint a prepared image."""
+        rgb, cfg, stages = prepared.rgb, prepared.cfg, prepared.stages
+        stages.set_cancel(cancel)
+        mode = cfg["mode"]
+        if mode == "amg" and hasattr(prepared.backend, "amg_generator"):
             index, scores = self._amg(rgb, cfg, stages)
         else:
-            # Superpixels need only the image: Felzenszwalb runs on the CPU while SAM encodes.
-            superpixels = (self._threads.submit(_timed, felzenszwalb_labels, rgb, cfg)
-                           if mode == "esam" else None)
-            with stages("encoder"):
-                self.backend.set_image(rgb)
-            backend = _CountingBackend(self.backend, stages)
-            ents = self._entities(rgb, cfg, backend, stages, superpixels)
+            backend = CountingBackend(prepared.backend, stages)
+            ents = self._entities(rgb, cfg, backend, stages, prepared.superpixels)
             with stages("paint"):
-                index = paint_entities(ents, self.backend)
+                index = paint_entities(ents, prepared.backend)
                 hh, ww = rgb.shape[:2]
                 areas = np.bincount(index[index >= 0].ravel(), minlength=len(ents))
                 scores = entity_scores(ents.iou.cpu().numpy(), ents.stability.cpu().numpy(),
@@ -219,11 +152,11 @@ class EntitySegmenter:
         with stages("labels"):
             label_map, entities = build_label_map(index, scores, cfg["output.min_area"],
                                                   cfg["output.max_entities"])
-        stages.timings["total"] = time.perf_counter() - t0
+        stages.timings["total"] = time.perf_counter() - prepared.t0
         stages.counts["entities"] = len(entities)
         return EntitySegmentation(label_map, entities, stages.timings, stages.counts, mode)
 
-    def _amg(self, rgb: np.ndarray, cfg: Config, stages: _Stages) -> tuple[np.ndarray, np.ndarray]:
+    def _amg(self, rgb: np.ndarray, cfg: Config, stages: Stages) -> tuple[np.ndarray, np.ndarray]:
         """segment-anything's own AMG (it encodes the image itself)."""
         generator = self.backend.amg_generator(cfg["mmg.points_per_side"])
         with stages("amg"), self.backend.autocast():
@@ -238,7 +171,7 @@ class EntitySegmenter:
                                cfg["output.score"])
         return paint_masks(masks, scores), scores
 
-    def _entities(self, rgb: np.ndarray, cfg: Config, backend: PromptBackend, stages: _Stages,
+    def _entities(self, rgb: np.ndarray, cfg: Config, backend: PromptBackend, stages: Stages,
                   superpixels: Future | None) -> Entities:
         """Working-grid entities for `esam`, `sam_o` and (backend without AMG) `amg`."""
         points = mmg.grid_points(cfg["mmg.points_per_side"], backend.image_hw)

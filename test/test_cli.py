@@ -64,7 +64,19 @@ def test_bench_reports_ratio_and_stages(tmp_path, capsys):
     assert esam["counts"]["prompts_main"] == 16
     assert {"encoder", "decode_main", "mmg", "total"} <= set(esam["timings"])
     assert doc["ratio_esam_over_amg"] > 0 and 0 <= doc["esam_postprocess_share"] <= 1
-    assert "ratio E-SAM/AMG" in capsys.readouterr().out
+    assert 0 <= doc["gallery_decoded_share"] <= 1 and esam["fps"] > 0
+    assert "summary [sam test_tiny" in capsys.readouterr().out
+
+
+def test_bench_on_the_simulator_interleaves_both_modes(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    code = main(["bench", "--backend", "simulator", "--size", "96x64", "--grids", "8/16",
+                 "--repeat", "2", "--json", str(report)])
+    assert code == 0
+    doc = json.loads(report.read_text())
+    assert doc["backend"].startswith("SAM-behaviour simulator") and doc["repeat"] == 2
+    assert doc["results"]["esam"]["counts"]["gallery_prompts"] <= 256
+    assert doc["results"]["amg"]["entities"] > 0 and doc["results"]["esam"]["entities"] > 0
 
 
 @pytest.mark.slow

@@ -152,3 +152,22 @@ def test_cancel_event_same_answer_unset_and_stops_at_a_stage_boundary():
     with pytest.raises(Cancelled):
         EntitySegmenter(cfg, backend).segment(rgb, cancel=event)
     assert backend.decoded_prompts == 5  # one batch of the main grid, nothing after it
+
+
+def test_prepare_next_frame_while_finishing_one_gives_the_same_results():
+    """The encoder of frame B may run before frame A is post-processed (a node overlapping the
+    two): each prepared frame keeps its own encoder features."""
+    cfg = Config({"model.type": "test_tiny", "model.device": "cpu", "mmg.points_per_side": 4,
+                  "gallery.points_per_side": 8, "superpixel.max_side": 128,
+                  "mmg.prefilter": "none", "usr.prefilter": "none"})
+    seg = EntitySegmenter(cfg)
+    rng = np.random.default_rng(3)
+    a, b = (rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(2))
+    want = [seg.segment(a), seg.segment(b)]
+    pa, pb = seg.prepare(a), seg.prepare(b)
+    got = [seg.finish(pa), seg.finish(pb)]
+    for w, g in zip(want, got):
+        assert np.array_equal(w.label_map, g.label_map)
+        assert [e.score for e in w.entities] == [e.score for e in g.entities]
+    assert not np.array_equal(want[0].label_map, want[1].label_map)  # two different answers
+    seg.release()
