@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeat", type=int, default=3,
                    help="timed AMG/E-SAM pairs, interleaved, after one warm-up each")
     p.add_argument("--json", type=Path, help="also write the results here (default: none)")
+    p.add_argument("--profile", type=Path,
+                   help="profile one more E-SAM run with torch.profiler: print the costliest "
+                        "operators and write a Chrome trace here (default: none)")
     p.set_defaults(func=run)
 
 
@@ -146,7 +149,27 @@ def run(args: argparse.Namespace) -> int:
     _print(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+    if args.profile:
+        profile(segmenters["esam"], rgb, args.profile)
     return 0
+
+
+def profile(segmenter: EntitySegmenter, rgb: np.ndarray, trace: Path) -> None:
+    """One E-SAM run under torch.profiler (stages appear as ``esam.<stage>``): the operators
+    with the most time of their own, and a Chrome trace (chrome://tracing, Perfetto)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if segmenter.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with torch_profile(activities=activities, record_shapes=False) as prof:
+        segmenter.segment(rgb)
+    sort = "self_cuda_time_total" if segmenter.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=20))
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    print(f"trace: {trace}")
 
 
 def _print(report: dict) -> None:

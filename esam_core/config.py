@@ -112,6 +112,7 @@ PARAMETERS: dict[str, Param] = {
     "emr.mutual_vote": _c("majority", ("majority", "mode"),
                           "mutual match: most of a piece's prompts, or its most frequent mask"),
     "emr.mutual_share": _f(0.34, 0.0, 1.0, "majority: share of a piece's prompts that must agree"),
+    "emr.mutual_voters": _i(0, 0, 100000, "mutual: most prompts of a piece that vote (0 = all)"),
     "emr.mutual_level": _c("object", ("guidance", "object"),
                            "mutual match: each piece's Eq.6 guidance mask, or its O mask"),
     "emr.gallery_cover": _f(0.5, 0.0, 1.0, "cover_each: min share of each mask it covers"),

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from esam_core.config import Config
 from esam_core.types import Decoded, PromptBackend
@@ -63,7 +64,8 @@ class Stages:
         self._sync()
         t0 = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"esam.{name}"):  # named in profiler traces
+                yield
         finally:
             self._sync()
             inner = self._decode_time - decode_before

@@ -46,6 +46,7 @@ SWITCHES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("emr.gallery_match", ("mutual", "cover_each", "iou_union")),
     ("emr.mutual_vote", ("majority", "mode")),
     ("emr.mutual_share", (0.34, 0.5)),
+    ("emr.mutual_voters", (0, 64)),
     ("emr.mutual_level", ("object", "guidance")),
     ("emr.merged_mask", ("union_of_pieces", "gallery_union")),
     ("usr.coverage_thresh", (0.5, 0.1)),
