@@ -26,7 +26,7 @@ from esam_core.masks import (
     pairwise_iou,
     to_cells,
 )
-from esam_core.types import PromptBackend
+from esam_core.types import PromptBackend, pick
 
 #: Index of the object-level and best-level mask in the per-prompt storage.
 OBJECT, BEST = 0, 1
@@ -91,9 +91,10 @@ class Gallery:
             decoded = self.backend.decode_points(self.points[part])
             levels, scores, areas = mmg.object_and_best(decoded)
             rows = torch.arange(len(part), device=levels.device)
-            at = torch.as_tensor(part, device=self._masks.device)
-            for k in (OBJECT, BEST):  # straight into the store: no (n, 2, h, w) copy
-                self._masks[at, k] = decoded.foreground[rows, levels[:, k]]
+            at = torch.as_tensor(part, device=self._masks.device) * 2
+            store = self._masks.view(-1, *self._hw)  # (2P, h, w): row 2p + level
+            for k in (OBJECT, BEST):  # straight into the store, whole rows at a time
+                store.index_copy_(0, at + k, pick(decoded.foreground, rows, levels[:, k]))
             # One transfer for both (float64 holds the float32 scores and the counts exactly).
             host = torch.cat([scores.double(), areas.double()], 1).cpu().numpy()
             self._scores[part] = host[:, :2]
@@ -174,7 +175,7 @@ class Gallery:
         best = 0  # a single prompt is its own group
         if idx.size > 1:
             t = torch.as_tensor(np.stack([idx, level]), device=self._masks.device)
-            kept, assign = self._group(self._masks[t[0], t[1]], gscores)
+            kept, assign = self._group(pick(self._masks, t[0], t[1]), gscores)
             counts = np.bincount(assign, minlength=idx.size)
             # kept is in descending score order, so the first maximum breaks count ties by score.
             best = int(kept[int(np.argmax(counts[kept]))])

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from esam_core import bitmasks
+
 #: Rows of the left operand per matrix product; bounds the (chunk, h*w) float copy.
 _CHUNK = 512
 #: Most mask cells ``mask_nms`` converts to float at once (64 MB of float32).
@@ -45,6 +47,10 @@ def pairwise_intersection(a: torch.Tensor, b: torch.Tensor,
     """
     if a.shape[0] == 0 or b.shape[0] == 0:
         return torch.zeros(a.shape[0], b.shape[0], device=a.device)
+    if a.dtype == torch.bool and b.dtype == torch.bool and _NUMPY_ON_CPU:
+        pa, pb = bitmasks.pack(a), bitmasks.pack(b)
+        if pa is not None and pb is not None:  # the CPU: count bits, no float conversion
+            return torch.from_numpy(bitmasks.intersections(pa, pb).astype(np.float32))
     bf = b.flatten(1).float().T  # (hw, K)
     af = a_float if a_float is not None else a.flatten(1)
     rows = [af[i:i + _CHUNK].float() @ bf for i in range(0, a.shape[0], _CHUNK)]
@@ -158,7 +164,8 @@ class _BlockedNMS:
     (B, B) product: a mask can only be suppressed by an earlier kept mask, and earlier blocks'
     kept masks have already suppressed everything they hit); then the block's kept masks suppress
     the remaining masks with one (k, hw) @ (hw, C) product. Pairs that cannot reach a threshold are
-    never multiplied: disjoint boxes give IoU 0 and IoU ≤ min(area) / max(area). Every IoU that is
+    never multiplied: the intersection is at most the smaller area and the boxes' overlap. Every
+    IoU that is
     compared is computed with ``pairwise_iou``'s formula, so keep and assign equal the dense ones.
     """
 
@@ -175,6 +182,7 @@ class _BlockedNMS:
         self.thr = thr.expand(self.m).cpu().numpy()
         self.thr_t = torch.as_tensor(self.thr, device=masks.device)
         self._flatf = masks_float
+        self._bits = bitmasks.pack(masks) if _NUMPY_ON_CPU else None  # the CPU path
 
     def _float(self, idx: torch.Tensor) -> torch.Tensor:
         """(len(idx), hw) float32 rows of the masks (0/1 products and sums are exact)."""
@@ -188,12 +196,30 @@ class _BlockedNMS:
         br, bc = self.boxes[rows][:, None], self.boxes[cols][None, :]
         if self.same:
             return (ar == ac) & (br == bc).all(-1)
-        meet = ((np.minimum(br[..., 2], bc[..., 2]) > np.maximum(br[..., 0], bc[..., 0]))
-                & (np.minimum(br[..., 3], bc[..., 3]) > np.maximum(br[..., 1], bc[..., 1])))
-        bound = np.minimum(ar, ac) / np.maximum(np.maximum(ar, ac), 1)  # IoU <= this
+        # The intersection is at most the smaller area and the area of the boxes' overlap (0 for
+        # disjoint boxes), so IoU <= inter / (|r| + |c| - inter) with that bound for inter.
+        ow = np.clip(np.minimum(br[..., 2], bc[..., 2]) - np.maximum(br[..., 0], bc[..., 0]), 0,
+                     None)
+        oh = np.clip(np.minimum(br[..., 3], bc[..., 3]) - np.maximum(br[..., 1], bc[..., 1]), 0,
+                     None)
+        inter = np.minimum(np.minimum(ar, ac), ow * oh)
+        bound = inter / np.maximum(ar + ac - inter, 1)
         thr = self.thr[rows][:, None].astype(np.float64)
         # The slack absorbs float32 rounding of the real IoU; thresholds <= 0 hit every pair.
-        return (thr <= 0) | (meet & (bound >= thr - 1e-6))
+        return (thr <= 0) | ((inter > 0) & (bound >= thr - 1e-6))
+
+    def _intersections(self, rows: np.ndarray, cols: np.ndarray, r: torch.Tensor,
+                       c: torch.Tensor) -> torch.Tensor:
+        """(R, C) float32 |row ∩ col| (host indices rows, cols; the same on the device r, c)."""
+        if self._bits is not None:  # the CPU: count packed bits
+            inter = bitmasks.intersections(self._bits[rows], self._bits[cols])
+            return torch.from_numpy(inter.astype(np.float32))
+        a = self._float(r)  # (R, hw), at most _BLOCK rows
+        if self._flatf is not None and 4 * c.numel() >= self.m:
+            # Many columns: one product with every mask beats gathering a quarter or more.
+            return (a @ self._flatf.T)[:, c]
+        step = max(1, _FLOAT_BUDGET // max(1, self.flat.shape[1]))
+        return torch.cat([a @ self._float(c[s:s + step]).T for s in range(0, c.numel(), step)], 1)
 
     def _hits(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """(R, C) bool: IoU(row, col) >= threshold of the row (identical masks if ``same``)."""
@@ -204,14 +230,7 @@ class _BlockedNMS:
             return out
         dev = self.flat.device
         r, c = (torch.as_tensor(x, device=dev) for x in (rows[ri], cols[ci]))
-        a = self._float(r)  # (R', hw), at most _BLOCK rows
-        if self._flatf is not None and 4 * ci.size >= self.m:
-            # Many columns: one product with every mask beats gathering a quarter or more.
-            inter = (a @ self._flatf.T)[:, c]
-        else:
-            step = max(1, _FLOAT_BUDGET // max(1, self.flat.shape[1]))
-            inter = torch.cat([a @ self._float(c[s:s + step]).T
-                               for s in range(0, c.numel(), step)], 1)
+        inter = self._intersections(rows[ri], cols[ci], r, c)
         if self.same:
             hit = (inter == self.areaf[r][:, None]) & (inter == self.areaf[c][None, :])
         else:
