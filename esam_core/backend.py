@@ -7,9 +7,7 @@ official ViT-B/L/H (1024 px input, 64×64 embedding, 256×256 masks) and ``test_
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
 import logging
 
 import numpy as np
@@ -22,7 +20,14 @@ from segment_anything.modeling import (
 from segment_anything.utils.amg import calculate_stability_score
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from esam_core.config import PARAMETERS, Config, ConfigError
+from esam_core.backends.common import (
+    UPSAMPLE_CHUNK_BYTES,
+    TorchBackend,
+    amg_options,
+    check_points,
+    check_rgb,
+)
+from esam_core.config import Config
 from esam_core.models import build_sam_model, resolve_device
 from esam_core.types import Decoded
 from esam_core.weights import CheckpointError
@@ -31,22 +36,10 @@ __all__ = ["CheckpointError", "SamBackend", "build_sam_model", "resolve_device"]
 
 _LOG = logging.getLogger(__name__)
 
-#: Upper bound of the intermediate tensors of one ``upsample_logits`` chunk.
-_UPSAMPLE_CHUNK_BYTES = 256 << 20
-
 
 # --- backend -------------------------------------------------------------------------------------
 
-def _points(points_xy: np.ndarray, what: str) -> np.ndarray:
-    pts = np.asarray(points_xy, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        raise ValueError(f"{what}: expected (N, 2) x, y points, got shape {pts.shape}")
-    if not np.isfinite(pts).all():
-        raise ValueError(f"{what}: points contain NaN or infinity")
-    return pts
-
-
-class SamBackend:
+class SamBackend(TorchBackend):
     """``PromptBackend`` on segment-anything's ``SamPredictor``.
 
     Attributes:
@@ -57,34 +50,12 @@ class SamBackend:
     """
 
     def __init__(self, cfg: Config, model: Sam | None = None, random_weights: bool = False) -> None:
-        self.cfg = cfg
-        self.device = resolve_device(cfg["model.device"])
-        self.amp_dtype: torch.dtype | None = None
-        if cfg["model.precision"] != "fp32":
-            if self.device.type == "cuda":
-                self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[
-                    cfg["model.precision"]]
-            else:
-                _LOG.warning("model.precision %s needs CUDA; running fp32 on %s",
-                             cfg["model.precision"], self.device)
+        super().__init__(cfg)
         if model is None:
             model = build_sam_model(cfg, random_weights=random_weights)
         self.model: Sam | None = model.to(self.device).eval()
         self.predictor: SamPredictor | None = SamPredictor(self.model)
         self._lowres_hw: tuple[int, int] = (0, 0)
-
-    def set_config(self, cfg: Config) -> None:
-        """Use new dynamic values (``points_per_batch``, ``sam.*``); model and device are fixed."""
-        fixed = [k for k, p in PARAMETERS.items() if not p.dynamic and cfg[k] != self.cfg[k]]
-        if fixed:
-            raise ConfigError(f"cannot change {fixed} of a loaded backend")
-        self.cfg = cfg
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The autocast context of ``model.precision`` (a no-op for fp32 and on the CPU)."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
     def _ready(self) -> SamPredictor:
         if self.predictor is None:
@@ -99,12 +70,7 @@ class SamBackend:
         Raises:
             ValueError: not an array, wrong shape, empty, or not uint8.
         """
-        if not isinstance(rgb, np.ndarray):
-            raise ValueError(f"set_image: expected a numpy array, got {type(rgb).__name__}")
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
-            raise ValueError(f"set_image: expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-        if rgb.dtype != np.uint8:
-            raise ValueError(f"set_image: expected dtype uint8, got {rgb.dtype}")
+        check_rgb(rgb)
         if self.predictor is None:
             raise RuntimeError("SamBackend was released; build a new one")
         size = self.predictor.model.image_encoder.img_size
@@ -150,7 +116,7 @@ class SamBackend:
         which fails every threshold just the same).
         """
         predictor = self._ready()
-        pts = _points(points_xy, "decode_points")
+        pts = check_points(points_xy, "decode_points")
         n, (h, w) = len(pts), self._lowres_hw
         logits = torch.empty((n, 3, h, w), dtype=torch.float32, device=self.device)
         iou = torch.empty((n, 3), dtype=torch.float32, device=self.device)
@@ -191,7 +157,7 @@ class SamBackend:
         (``x * input_w / W``), then to the embedding, which covers the padded ``img_size`` square.
         """
         predictor = self._ready()
-        pts = _points(points_xy, "sample_features")
+        pts = check_points(points_xy, "sample_features")
         feats = predictor.features  # (1, C, e, e)
         if len(pts) == 0:
             return torch.zeros((0, feats.shape[1]), dtype=torch.float32, device=self.device)
@@ -220,7 +186,7 @@ class SamBackend:
         size = predictor.model.image_encoder.img_size
         up = (h * size // (size // 4), w * size // (size // 4))  # the low-res grid in input pixels
         out = torch.empty((logits.shape[0], H, W), dtype=torch.float32, device=self.device)
-        chunk = max(1, _UPSAMPLE_CHUNK_BYTES // (4 * (up[0] * up[1] + H * W)))
+        chunk = max(1, UPSAMPLE_CHUNK_BYTES // (4 * (up[0] * up[1] + H * W)))
         with torch.inference_mode():
             for s in range(0, logits.shape[0], chunk):
                 x = logits[s:s + chunk, None].to(self.device, torch.float32)
@@ -234,24 +200,10 @@ class SamBackend:
         """segment-anything's AMG on this model with the ``sam.*`` thresholds (the baselines)."""
         if self.model is None:
             raise RuntimeError("SamBackend was released; build a new one")
-        c = self.cfg
-        return SamAutomaticMaskGenerator(
-            self.model, points_per_side=points_per_side,
-            points_per_batch=c["model.points_per_batch"],
-            pred_iou_thresh=c["sam.pred_iou_thresh"],
-            stability_score_thresh=c["sam.stability_score_thresh"],
-            stability_score_offset=c["sam.stability_score_offset"],
-            box_nms_thresh=c["sam.box_nms_thresh"], crop_n_layers=c["sam.crop_n_layers"])
-
-    def synchronize(self) -> None:
-        """Wait for queued GPU work (for honest timings); a no-op on the CPU."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        return SamAutomaticMaskGenerator(self.model, **amg_options(self.cfg, points_per_side))
 
     def release(self) -> None:
         """Drop the model and features and return cached GPU memory (node deactivate)."""
         self.predictor = None
         self.model = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._free_memory()
