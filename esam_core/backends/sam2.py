@@ -22,21 +22,10 @@ import torch.nn.functional as F
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
-from sam2.utils.amg import calculate_stability_score
 
-from esam_core.backends.common import (
-    UPSAMPLE_CHUNK_BYTES,
-    TorchBackend,
-    amg_options,
-    check_points,
-    check_rgb,
-)
+from esam_core.backends.common import TorchBackend, check_rgb
 from esam_core.backends.sam2_models import build_sam2_model, quiet_jit_warning
 from esam_core.config import Config
-from esam_core.types import Decoded
-
-#: SAM 2's masks are ``logits > 0`` (SAM2ImagePredictor's default ``mask_threshold``).
-_MASK_THRESHOLD = 0.0
 
 
 def _drop_predictor_info(record: logging.LogRecord) -> bool:
@@ -66,13 +55,6 @@ def feature_sizes(model: SAM2Base) -> list[tuple[int, int]]:
     return [(4 * e, 4 * e), (2 * e, 2 * e), (e, e)]
 
 
-def _predictor(model: SAM2Base, **kwargs: Any) -> SAM2ImagePredictor:
-    with quiet_jit_warning():
-        predictor = SAM2ImagePredictor(model, **kwargs)
-    predictor._bb_feat_sizes = feature_sizes(model)
-    return predictor
-
-
 class _QuietAmg(SAM2AutomaticMaskGenerator):
     """``SAM2AutomaticMaskGenerator`` with the model's feature sizes and no per-image INFO lines."""
 
@@ -87,31 +69,26 @@ class _QuietAmg(SAM2AutomaticMaskGenerator):
 
 
 class Sam2Backend(TorchBackend):
-    """``PromptBackend`` on a SAM 2.1 model (``SAM2Base``).
+    """``PromptBackend`` on a ``SAM2Base`` model and Meta's ``SAM2ImagePredictor`` (attributes:
+    ``TorchBackend``'s)."""
 
-    Attributes:
-        cfg: the configuration (``set_config`` swaps its dynamic values).
-        device: where the model, features and all returned tensors live.
-        model: the ``SAM2Base`` module (None after ``release``).
-        predictor: the ``SAM2ImagePredictor`` holding the current image's features.
-    """
+    _amg_class = _QuietAmg
 
     def __init__(self, cfg: Config, model: SAM2Base | None = None,
                  random_weights: bool = False) -> None:
-        super().__init__(cfg)
-        if model is None:
-            model = build_sam2_model(cfg, random_weights=random_weights)
-        self.model: SAM2Base | None = model.to(self.device).eval()
-        self.predictor: SAM2ImagePredictor | None = _predictor(self.model)
+        super().__init__(cfg, build_sam2_model(cfg, random_weights) if model is None else model)
+        self.predictor: SAM2ImagePredictor | None = self._new_predictor()
         side = int(self.model.sam_prompt_encoder.mask_input_size[0])  # the decoder's mask side
         self._lowres_hw = (side, side)
 
-    def _ready(self) -> SAM2ImagePredictor:
-        if self.predictor is None:
-            raise RuntimeError("Sam2Backend was released; build a new one")
-        if not self.predictor._is_image_set:
-            raise RuntimeError("Sam2Backend: call set_image first")
-        return self.predictor
+    def _new_predictor(self) -> SAM2ImagePredictor:
+        with quiet_jit_warning():
+            predictor = SAM2ImagePredictor(self.model)
+        predictor._bb_feat_sizes = feature_sizes(self.model)
+        return predictor
+
+    def _image_is_set(self) -> bool:
+        return self.predictor._is_image_set
 
     def set_image(self, rgb: np.ndarray) -> None:
         """Encode an (H, W, 3) uint8 RGB image once; every other call refers to it.
@@ -120,12 +97,11 @@ class Sam2Backend(TorchBackend):
             ValueError: not an array, wrong shape, empty, or not uint8.
         """
         check_rgb(rgb)
-        if self.predictor is None:
-            raise RuntimeError("Sam2Backend was released; build a new one")
+        predictor = self._alive()
         with torch.inference_mode(), self.autocast(), _quiet_predictor():
-            self.predictor.set_image(rgb)
+            predictor.set_image(rgb)
         # Only the encoder runs in reduced precision (see SamBackend.set_image).
-        feats = self.predictor._features
+        feats = predictor._features
         feats["image_embed"] = feats["image_embed"].float()
         feats["high_res_feats"] = [f.float() for f in feats["high_res_feats"]]
 
@@ -140,39 +116,17 @@ class Sam2Backend(TorchBackend):
         self._ready()
         return self._lowres_hw
 
-    def decode_points(self, points_xy: np.ndarray) -> Decoded:
-        """Decode N single positive point prompts ((N, 2) image pixels, x then y).
-
-        Batches of ``model.points_per_batch``, each through the prompt encoder and the mask
-        decoder with the image's high-resolution features, as ``SAM2ImagePredictor._predict``
-        does but without upsampling to full size; stability is ``calculate_stability_score`` on
-        the low-res logits, empty masks scored 0 (as ``SamBackend``).
-        """
-        predictor = self._ready()
-        pts = check_points(points_xy, "decode_points")
-        n, (h, w) = len(pts), self._lowres_hw
-        logits = torch.empty((n, 3, h, w), dtype=torch.float32, device=self.device)
-        iou = torch.empty((n, 3), dtype=torch.float32, device=self.device)
-        stability = torch.empty((n, 3), dtype=torch.float32, device=self.device)
-        coords = predictor._transforms.transform_coords(
+    def _model_coords(self, pts: np.ndarray) -> torch.Tensor:
+        """(N, 2) image pixels -> the ``image_size`` square, as SAM2ImagePredictor moves them."""
+        return self.predictor._transforms.transform_coords(
             torch.as_tensor(pts, dtype=torch.float32, device=self.device), normalize=True,
-            orig_hw=self.image_hw)[:, None, :]
-        labels = torch.ones((n, 1), dtype=torch.int, device=self.device)
-        batch = self.cfg["model.points_per_batch"]
-        offset = self.cfg["sam.stability_score_offset"]
-        with torch.inference_mode():
-            for s in range(0, n, batch):
-                low, quality = self._predict_lowres(coords[s:s + batch], labels[s:s + batch])
-                low = low.float()
-                logits[s:s + batch] = low
-                iou[s:s + batch] = quality.float()
-                stability[s:s + batch] = calculate_stability_score(low, _MASK_THRESHOLD, offset)
-        return Decoded(points=pts.copy(), logits=logits, iou=iou,
-                       stability=torch.nan_to_num(stability, nan=0.0))
+            orig_hw=self.image_hw)
 
     def _predict_lowres(self, coords: torch.Tensor,
                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, h, w) multimask logits and (B, 3) predicted IoU for B single-point prompts."""
+        """``SAM2ImagePredictor._predict`` for B single-point prompts without its full-size
+        upsampling: (B, 3, h, w) multimask logits (read with the image's high-resolution
+        features) and (B, 3) predicted IoU."""
         model, feats = self.model, self.predictor._features
         sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         low, quality, _, _ = model.sam_mask_decoder(
@@ -186,51 +140,15 @@ class Sam2Backend(TorchBackend):
         )
         return low, quality
 
-    def sample_features(self, points_xy: np.ndarray) -> torch.Tensor:
-        """(K, C) float32 image-embedding features at K image points, bilinear, L2-normalised.
+    def _embedding(self) -> torch.Tensor:
+        return self.predictor._features["image_embed"]  # (1, C, e, e) over the whole image
 
-        The embedding covers the whole image (resized to a square), so (x, y) maps to
-        (x / W, y / H) of it.
-        """
-        self._ready()
-        pts = check_points(points_xy, "sample_features")
-        feats = self.predictor._features["image_embed"]  # (1, C, e, e)
-        if len(pts) == 0:
-            return torch.zeros((0, feats.shape[1]), dtype=torch.float32, device=self.device)
+    def _feature_grid(self, pts: np.ndarray) -> np.ndarray:
+        """The embedding covers the whole image (resized to a square): (x, y) is at
+        (x / W, y / H) of it; returned in grid_sample's [-1, 1]."""
         H, W = self.image_hw
-        grid = np.stack([pts[:, 0] / W, pts[:, 1] / H], axis=1) * 2.0 - 1.0
-        grid_t = torch.as_tensor(grid, dtype=torch.float32, device=self.device).view(1, -1, 1, 2)
-        with torch.inference_mode():
-            out = F.grid_sample(feats.float(), grid_t, mode="bilinear", padding_mode="border",
-                                align_corners=False)  # (1, C, K, 1)
-            return F.normalize(out[0, :, :, 0].T, dim=1)
+        return np.stack([pts[:, 0] / W, pts[:, 1] / H], axis=1) * 2.0 - 1.0
 
-    def upsample_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """(M, h, w) low-res logits -> (M, H, W) float32, bilinear as
-        ``SAM2Transforms.postprocess_masks`` does it; chunked (intermediates under 256 MiB)."""
-        self._ready()
-        h, w = self._lowres_hw
-        if logits.ndim != 3 or tuple(logits.shape[1:]) != (h, w):
-            raise ValueError(f"upsample_logits: expected (M, {h}, {w}) logits, got "
-                             f"{tuple(logits.shape)}")
-        H, W = self.image_hw
-        out = torch.empty((logits.shape[0], H, W), dtype=torch.float32, device=self.device)
-        chunk = max(1, UPSAMPLE_CHUNK_BYTES // (4 * H * W))
-        with torch.inference_mode():
-            for s in range(0, logits.shape[0], chunk):
-                x = logits[s:s + chunk, None].to(self.device, torch.float32)
-                out[s:s + chunk] = F.interpolate(x, (H, W), mode="bilinear",
-                                                 align_corners=False)[:, 0]
-        return out
-
-    def amg_generator(self, points_per_side: int) -> SAM2AutomaticMaskGenerator:
-        """SAM 2's AMG on this model with the ``sam.*`` thresholds (the baselines)."""
-        if self.model is None:
-            raise RuntimeError("Sam2Backend was released; build a new one")
-        return _QuietAmg(self.model, **amg_options(self.cfg, points_per_side))
-
-    def release(self) -> None:
-        """Drop the model and features and return cached GPU memory (node deactivate)."""
-        self.predictor = None
-        self.model = None
-        self._free_memory()
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """Bilinear to (H, W), as ``SAM2Transforms.postprocess_masks`` (without hole filling)."""
+        return F.interpolate(x, self.image_hw, mode="bilinear", align_corners=False)

@@ -13,12 +13,14 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from esam_core.config import Config, ConfigError
+from esam_core.models import random_init
 from esam_core.weights import check_state_dict, load_checkpoint, resolve_checkpoint
 
 if TYPE_CHECKING:
@@ -126,16 +128,10 @@ def build_sam2_model(cfg: Config, random_weights: bool = False) -> SAM2Base:
         CheckpointError: missing, truncated/corrupt, or wrong checkpoint (one line with the fix).
     """
     model_type = cfg["model.type"]
-    if model_type == "sam2_test_tiny":
-        _LOG.warning("model.type sam2_test_tiny: a tiny SAM 2 whose masks are meaningless "
-                     "(tests and smoke runs only)")
+    model = random_init(cfg, partial(_make, cfg), random_weights, "sam2_test_tiny")
+    if model is not None:
+        return model
     checkpoint = cfg["model.checkpoint"]
-    if random_weights or (model_type == "sam2_test_tiny" and not checkpoint):
-        if model_type != "sam2_test_tiny":
-            _LOG.warning("%s with random weights: for timing only", model_type)
-        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
-            torch.manual_seed(cfg["model.seed"])
-            return _make(cfg)
     require_sam2(model_type)  # before reading a large file
     path = resolve_checkpoint(checkpoint, model_type)
     state = load_checkpoint(path, model_type)
