@@ -97,6 +97,15 @@ def _backend(args: argparse.Namespace, cfg: Config, scene):
     return build_backend(cfg, random_weights=bool(args.random_weights)), label
 
 
+def _lowres_hw(backend, rgb: np.ndarray) -> tuple[int, int]:
+    """The working grid of ``rgb``. The pipeline encodes into a bound copy of a model backend
+    (``bind``), so the backend itself may hold no image: then bind one (one more encode)."""
+    try:
+        return backend.lowres_hw
+    except RuntimeError:
+        return backend.bind(rgb).lowres_hw
+
+
 def measure(segmenters: dict[str, EntitySegmenter], rgb: np.ndarray, repeat: int) -> dict:
     """Per mode: median stage timings (s), counts and peak CUDA memory of ``repeat`` runs, the
     modes interleaved after one warm-up each."""
@@ -144,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "backend": label, "device": str(backend.device), "machine": platform.processor() or
         platform.machine(), "cpu_threads": torch.get_num_threads(),
-        "image_hw": list(rgb.shape[:2]), "lowres_hw": list(backend.lowres_hw),
+        "image_hw": list(rgb.shape[:2]), "lowres_hw": list(_lowres_hw(backend, rgb)),
         "grids": f"{cfg['mmg.points_per_side']}/{cfg['gallery.points_per_side']}",
         "repeat": args.repeat, "results": results,
         "ratio_esam_over_amg": esam["timings"]["total"]

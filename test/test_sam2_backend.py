@@ -93,6 +93,16 @@ def test_same_seed_same_output_other_seed_differs(image, decoded):
     assert not torch.equal(other.decode_points(POINTS).logits, decoded.logits)
 
 
+def test_bind_keeps_each_frames_features(backend, image, decoded):
+    """The pipeline encodes frame N+1 while frame N is post-processed: a bound frame shares the
+    model and keeps its own features."""
+    frame = backend.bind(image)
+    later = backend.bind(np.ascontiguousarray(image[::-1]))
+    assert frame.model is backend.model and frame.predictor is not later.predictor
+    assert torch.equal(frame.decode_points(POINTS).logits, decoded.logits)
+    assert not torch.equal(later.decode_points(POINTS).logits, decoded.logits)
+
+
 def test_no_points_gives_empty_tensors(backend):
     d = backend.decode_points(np.zeros((0, 2)))
     assert tuple(d.logits.shape) == (0, 3, 64, 64) and len(d) == 0
