@@ -7,14 +7,17 @@ PYTHON ?= python3.11
 .PHONY: install test lint bench bench-qos fidelity demo weights constraints clean
 
 # requirements*.txt give ranges (for ROS workspaces); constraints.txt pins what CI tests.
+# requirements-sam2.txt (SAM 2.1) is an sdist built against the torch installed first, no CUDA.
 install:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt -r requirements-ros.txt -r requirements-dev.txt \
 		-c constraints.txt
+	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation -r requirements-sam2.txt \
+		-c constraints.txt
 	$(PIP) install -q --no-deps -e .
 	scripts/build_msgs.sh $(VENV)
-	$(PY) -c "import esam_core, esam_ros; from esam_ros.msg import Entity, EntityArray; print('esam_ros installed')"
+	$(PY) -c "import esam_core, esam_ros, sam2.build_sam; from esam_ros.msg import Entity, EntityArray; print('esam_ros installed')"
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -7,11 +7,6 @@ official ViT-B/L/H (1024 px input, 64×64 embedding, 256×256 masks) and ``test_
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import gc
-import logging
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,79 +14,34 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import (
     Sam,
 )
-from segment_anything.utils.amg import calculate_stability_score
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from esam_core.config import PARAMETERS, Config, ConfigError
+from esam_core.backends.common import TorchBackend, check_rgb
+from esam_core.config import Config
 from esam_core.models import build_sam_model, resolve_device
-from esam_core.types import Decoded
 from esam_core.weights import CheckpointError
 
 __all__ = ["CheckpointError", "SamBackend", "build_sam_model", "resolve_device"]
 
-_LOG = logging.getLogger(__name__)
-
-#: Upper bound of the intermediate tensors of one ``upsample_logits`` chunk.
-_UPSAMPLE_CHUNK_BYTES = 256 << 20
-
 
 # --- backend -------------------------------------------------------------------------------------
 
-def _points(points_xy: np.ndarray, what: str) -> np.ndarray:
-    pts = np.asarray(points_xy, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        raise ValueError(f"{what}: expected (N, 2) x, y points, got shape {pts.shape}")
-    if not np.isfinite(pts).all():
-        raise ValueError(f"{what}: points contain NaN or infinity")
-    return pts
+class SamBackend(TorchBackend):
+    """``PromptBackend`` on a ``Sam`` model and segment-anything's ``SamPredictor`` (attributes:
+    ``TorchBackend``'s)."""
 
-
-class SamBackend:
-    """``PromptBackend`` on segment-anything's ``SamPredictor``.
-
-    Attributes:
-        cfg: the configuration (``set_config`` swaps its dynamic values).
-        device: where the model, features and all returned tensors live.
-        model: the ``Sam`` module (None after ``release``).
-        predictor: the ``SamPredictor`` holding the current image's features.
-    """
+    _amg_class = SamAutomaticMaskGenerator
 
     def __init__(self, cfg: Config, model: Sam | None = None, random_weights: bool = False) -> None:
-        self.cfg = cfg
-        self.device = resolve_device(cfg["model.device"])
-        self.amp_dtype: torch.dtype | None = None
-        if cfg["model.precision"] != "fp32":
-            if self.device.type == "cuda":
-                self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[
-                    cfg["model.precision"]]
-            else:
-                _LOG.warning("model.precision %s needs CUDA; running fp32 on %s",
-                             cfg["model.precision"], self.device)
-        if model is None:
-            model = build_sam_model(cfg, random_weights=random_weights)
-        self.model: Sam | None = model.to(self.device).eval()
-        self.predictor: SamPredictor | None = SamPredictor(self.model)
+        super().__init__(cfg, build_sam_model(cfg, random_weights) if model is None else model)
+        self.predictor: SamPredictor | None = self._new_predictor()
         self._lowres_hw: tuple[int, int] = (0, 0)
 
-    def set_config(self, cfg: Config) -> None:
-        """Use new dynamic values (``points_per_batch``, ``sam.*``); model and device are fixed."""
-        fixed = [k for k, p in PARAMETERS.items() if not p.dynamic and cfg[k] != self.cfg[k]]
-        if fixed:
-            raise ConfigError(f"cannot change {fixed} of a loaded backend")
-        self.cfg = cfg
+    def _new_predictor(self) -> SamPredictor:
+        return SamPredictor(self.model)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The autocast context of ``model.precision`` (a no-op for fp32 and on the CPU)."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
-
-    def _ready(self) -> SamPredictor:
-        if self.predictor is None:
-            raise RuntimeError("SamBackend was released; build a new one")
-        if not self.predictor.is_image_set:
-            raise RuntimeError("SamBackend: call set_image first")
-        return self.predictor
+    def _image_is_set(self) -> bool:
+        return self.predictor.is_image_set
 
     def set_image(self, rgb: np.ndarray) -> None:
         """Encode an (H, W, 3) uint8 RGB image once; every other call refers to it.
@@ -99,15 +49,8 @@ class SamBackend:
         Raises:
             ValueError: not an array, wrong shape, empty, or not uint8.
         """
-        if not isinstance(rgb, np.ndarray):
-            raise ValueError(f"set_image: expected a numpy array, got {type(rgb).__name__}")
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
-            raise ValueError(f"set_image: expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-        if rgb.dtype != np.uint8:
-            raise ValueError(f"set_image: expected dtype uint8, got {rgb.dtype}")
-        if self.predictor is None:
-            raise RuntimeError("SamBackend was released; build a new one")
-        size = self.predictor.model.image_encoder.img_size
+        check_rgb(rgb)
+        size = self._alive().model.image_encoder.img_size
         if min(ResizeLongestSide.get_preprocess_shape(rgb.shape[0], rgb.shape[1], size)) < 1:
             raise ValueError(f"set_image: image of shape {rgb.shape} is too elongated: its short "
                              f"side vanishes when the long side is resized to {size}")
@@ -120,16 +63,6 @@ class SamBackend:
         in_h, in_w = self.predictor.input_size
         self._lowres_hw = (-(-in_h * side // size), -(-in_w * side // size))  # ceil
 
-    def bind(self, rgb: np.ndarray) -> SamBackend:
-        """A backend for this image alone: it shares the model but holds its own encoder
-        features, so encoding the next frame (perhaps in another thread) leaves it intact."""
-        if self.model is None:
-            raise RuntimeError("SamBackend was released; build a new one")
-        frame = copy.copy(self)
-        frame.predictor = SamPredictor(self.model)
-        frame.set_image(rgb)
-        return frame
-
     @property
     def image_hw(self) -> tuple[int, int]:
         """(H, W) of the current image."""
@@ -141,40 +74,16 @@ class SamBackend:
         self._ready()
         return self._lowres_hw
 
-    def decode_points(self, points_xy: np.ndarray) -> Decoded:
-        """Decode N single positive point prompts ((N, 2) image pixels, x then y).
-
-        Batches of ``model.points_per_batch``. Logits are SAM's low-res multimask logits cropped to
-        ``lowres_hw``; stability is ``calculate_stability_score`` on those low-res logits (at low
-        resolution for cost; AMG computes it at full size) with empty masks scored 0 (AMG gets NaN,
-        which fails every threshold just the same).
-        """
-        predictor = self._ready()
-        pts = _points(points_xy, "decode_points")
-        n, (h, w) = len(pts), self._lowres_hw
-        logits = torch.empty((n, 3, h, w), dtype=torch.float32, device=self.device)
-        iou = torch.empty((n, 3), dtype=torch.float32, device=self.device)
-        stability = torch.empty((n, 3), dtype=torch.float32, device=self.device)
-        coords = torch.as_tensor(predictor.transform.apply_coords(pts, predictor.original_size),
-                                 dtype=torch.float32, device=self.device)[:, None, :]
-        labels = torch.ones((n, 1), dtype=torch.int, device=self.device)
-        batch = self.cfg["model.points_per_batch"]
-        offset = self.cfg["sam.stability_score_offset"]
-        with torch.inference_mode():
-            for s in range(0, n, batch):
-                low, quality = self._predict_lowres(coords[s:s + batch], labels[s:s + batch])
-                low = low[:, :, :h, :w].float()
-                logits[s:s + batch] = low
-                iou[s:s + batch] = quality.float()
-                stability[s:s + batch] = calculate_stability_score(
-                    low, self.model.mask_threshold, offset)
-        return Decoded(points=pts.copy(), logits=logits, iou=iou,
-                       stability=torch.nan_to_num(stability, nan=0.0))
+    def _model_coords(self, pts: np.ndarray) -> torch.Tensor:
+        """(N, 2) image pixels -> the resized input frame, as SAM moves prompts."""
+        return torch.as_tensor(self.predictor.transform.apply_coords(pts, self.image_hw),
+                               dtype=torch.float32, device=self.device)
 
     def _predict_lowres(self, coords: torch.Tensor,
                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``SamPredictor.predict_torch`` without its full-size upsampling, which E-SAM never uses
-        and which costs B·3·img_size² floats per batch; returns (B, 3, L, L) logits, (B, 3) IoU."""
+        and which costs B·3·img_size² floats per batch; returns (B, 3, L, L) logits (padding
+        included: the caller crops to ``lowres_hw``), (B, 3) IoU."""
         sparse, dense = self.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         return self.model.mask_decoder(
             image_embeddings=self.predictor.features,
@@ -184,74 +93,31 @@ class SamBackend:
             multimask_output=True,
         )
 
-    def sample_features(self, points_xy: np.ndarray) -> torch.Tensor:
-        """(K, C) float32 encoder features at K image points, bilinear, L2-normalised.
+    def _embedding(self) -> torch.Tensor:
+        return self.predictor.features  # (1, C, e, e) over the padded img_size square
 
-        A point (x, y) in image pixels goes to the resized input frame as SAM moves prompts
-        (``x * input_w / W``), then to the embedding, which covers the padded ``img_size`` square.
-        """
-        predictor = self._ready()
-        pts = _points(points_xy, "sample_features")
-        feats = predictor.features  # (1, C, e, e)
-        if len(pts) == 0:
-            return torch.zeros((0, feats.shape[1]), dtype=torch.float32, device=self.device)
-        (H, W), (in_h, in_w) = predictor.original_size, predictor.input_size
-        size = predictor.model.image_encoder.img_size
-        grid = np.stack([pts[:, 0] * in_w / W, pts[:, 1] * in_h / H], axis=1) / size * 2.0 - 1.0
-        grid_t = torch.as_tensor(grid, dtype=torch.float32, device=self.device).view(1, -1, 1, 2)
-        with torch.inference_mode():
-            out = F.grid_sample(feats.float(), grid_t, mode="bilinear", padding_mode="border",
-                                align_corners=False)  # (1, C, K, 1)
-            return F.normalize(out[0, :, :, 0].T, dim=1)
+    def _feature_grid(self, pts: np.ndarray) -> np.ndarray:
+        """A point (x, y) in image pixels goes to the resized input frame as SAM moves prompts
+        (``x * input_w / W``), then to the embedding, which covers the padded ``img_size``
+        square; returned in grid_sample's [-1, 1]."""
+        (H, W), (in_h, in_w) = self.image_hw, self.predictor.input_size
+        size = self.model.image_encoder.img_size
+        return np.stack([pts[:, 0] * in_w / W, pts[:, 1] * in_h / H], axis=1) / size * 2.0 - 1.0
 
-    def upsample_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """(M, h, w) low-res logits -> (M, H, W) float32, as ``Sam.postprocess_masks`` does it.
+    def _up_size(self) -> tuple[int, int]:
+        """The valid low-res grid in input pixels."""
+        size, (h, w) = self.model.image_encoder.img_size, self.lowres_hw
+        return h * size // (size // 4), w * size // (size // 4)
 
-        Bilinear to the ``img_size`` frame, crop to the resized input, bilinear to (H, W); equal to
-        SAM's full-size logits except next to the padding border, where SAM also reads padded
-        cells. Chunked so the intermediates stay under 256 MiB.
-        """
-        predictor = self._ready()
-        h, w = self._lowres_hw
-        if logits.ndim != 3 or tuple(logits.shape[1:]) != (h, w):
-            raise ValueError(f"upsample_logits: expected (M, {h}, {w}) logits, got "
-                             f"{tuple(logits.shape)}")
-        (H, W), (in_h, in_w) = predictor.original_size, predictor.input_size
-        size = predictor.model.image_encoder.img_size
-        up = (h * size // (size // 4), w * size // (size // 4))  # the low-res grid in input pixels
-        out = torch.empty((logits.shape[0], H, W), dtype=torch.float32, device=self.device)
-        chunk = max(1, _UPSAMPLE_CHUNK_BYTES // (4 * (up[0] * up[1] + H * W)))
-        with torch.inference_mode():
-            for s in range(0, logits.shape[0], chunk):
-                x = logits[s:s + chunk, None].to(self.device, torch.float32)
-                x = F.interpolate(x, up, mode="bilinear", align_corners=False)
-                x = F.interpolate(x[..., :in_h, :in_w], (H, W), mode="bilinear",
-                                  align_corners=False)
-                out[s:s + chunk] = x[:, 0]
-        return out
+    def _upsample_cells(self) -> int:
+        (H, W), (uh, uw) = self.image_hw, self._up_size()
+        return H * W + uh * uw
 
-    def amg_generator(self, points_per_side: int) -> SamAutomaticMaskGenerator:
-        """segment-anything's AMG on this model with the ``sam.*`` thresholds (the baselines)."""
-        if self.model is None:
-            raise RuntimeError("SamBackend was released; build a new one")
-        c = self.cfg
-        return SamAutomaticMaskGenerator(
-            self.model, points_per_side=points_per_side,
-            points_per_batch=c["model.points_per_batch"],
-            pred_iou_thresh=c["sam.pred_iou_thresh"],
-            stability_score_thresh=c["sam.stability_score_thresh"],
-            stability_score_offset=c["sam.stability_score_offset"],
-            box_nms_thresh=c["sam.box_nms_thresh"], crop_n_layers=c["sam.crop_n_layers"])
-
-    def synchronize(self) -> None:
-        """Wait for queued GPU work (for honest timings); a no-op on the CPU."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def release(self) -> None:
-        """Drop the model and features and return cached GPU memory (node deactivate)."""
-        self.predictor = None
-        self.model = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """As ``Sam.postprocess_masks``: bilinear to the ``img_size`` frame, crop to the resized
+        input, bilinear to (H, W); equal to SAM's full-size logits except next to the padding
+        border, where SAM also reads padded cells."""
+        in_h, in_w = self.predictor.input_size
+        x = F.interpolate(x, self._up_size(), mode="bilinear", align_corners=False)
+        return F.interpolate(x[..., :in_h, :in_w], self.image_hw, mode="bilinear",
+                             align_corners=False)

@@ -4,8 +4,9 @@ AMG and E-SAM runs alternate (one warm-up each, then ``--repeat`` interleaved pa
 that slows down or speeds up during the run affects both alike; medians are reported. Prints
 per-stage median times, frames per second, decoded-prompt counts (and the share of the gallery
 grid decoded), the E-SAM/AMG ratio, the post-processing share of E-SAM's time (everything but
-encoder and decoder) and, on CUDA, peak GPU memory. Backends: ``sam`` (the configured SAM;
-``--random-weights vit_h`` builds a real-size SAM with random weights, timing only), ``simulator``
+encoder and decoder), the process's peak resident memory and, on CUDA, peak GPU memory. Backends:
+``sam`` (the configured SAM or SAM 2.1; ``--random-weights vit_h`` or ``sam2.1_hiera_b+`` builds
+a real-size model with random weights, timing only), ``simulator``
 (the SAM-behaviour simulator on a generated scene: realistic mask sets, SAM's failures, cheap
 answers) or ``scene`` (the hand-made scene backend). Every figure names its backend.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 from pathlib import Path
 
@@ -27,6 +29,9 @@ from esam_core.pipeline import EntitySegmenter
 
 #: Stages that are model work, not post-processing.
 _MODEL_STAGES = ("encoder", "amg")
+#: What ``--random-weights`` builds at full size.
+_REAL_MODELS = ("vit_b", "vit_l", "vit_h", "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+",
+                "sam2.1_hiera_l")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,10 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", type=Path, help="image file (default: a synthetic cluttered scene)")
     p.add_argument("--size", default="640x480", help="synthetic image size WxH")
     p.add_argument("--backend", choices=("sam", "simulator", "scene"), default="sam",
-                   help="sam: the configured SAM; simulator: the SAM-behaviour simulator on a "
-                        "generated scene; scene: the hand-made scene backend")
-    p.add_argument("--random-weights", choices=("vit_b", "vit_l", "vit_h"),
-                   help="real-size SAM with random weights, timing only (default: off)")
+                   help="sam: the configured SAM or SAM 2.1; simulator: the SAM-behaviour "
+                        "simulator on a generated scene; scene: the hand-made scene backend")
+    p.add_argument("--random-weights", choices=_REAL_MODELS, metavar="MODEL",
+                   help="real-size model with random weights, timing only: "
+                        f"{', '.join(_REAL_MODELS)} (default: off)")
     p.add_argument("--grids", default=None,
                    help="main/gallery points per side, e.g. 16/32 (default: the config's)")
     p.add_argument("--device", default=None, help="model.device (default: the config's)")
@@ -84,11 +90,20 @@ def _backend(args: argparse.Namespace, cfg: Config, scene):
 
         # Same working grid as real SAM: low-res masks have a 256-cell long side at 1024 px.
         return SceneBackend(scene, lowres_scale=256 / max(h, w)), "scene (fake backend)"
-    from esam_core.backend import SamBackend
+    from esam_core.backends import build_backend
 
     label = f"sam {cfg['model.type']}" + (" random weights (timing only)" if args.random_weights
                                            else "")
-    return SamBackend(cfg, random_weights=bool(args.random_weights)), label
+    return build_backend(cfg, random_weights=bool(args.random_weights)), label
+
+
+def _lowres_hw(backend, rgb: np.ndarray) -> tuple[int, int]:
+    """The working grid of ``rgb``. The pipeline encodes into a bound copy of a model backend
+    (``bind``), so the backend itself may hold no image: then bind one (one more encode)."""
+    try:
+        return backend.lowres_hw
+    except RuntimeError:
+        return backend.bind(rgb).lowres_hw
 
 
 def measure(segmenters: dict[str, EntitySegmenter], rgb: np.ndarray, repeat: int) -> dict:
@@ -138,13 +153,15 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "backend": label, "device": str(backend.device), "machine": platform.processor() or
         platform.machine(), "cpu_threads": torch.get_num_threads(),
-        "image_hw": list(rgb.shape[:2]), "lowres_hw": list(backend.lowres_hw),
+        "image_hw": list(rgb.shape[:2]), "lowres_hw": list(_lowres_hw(backend, rgb)),
         "grids": f"{cfg['mmg.points_per_side']}/{cfg['gallery.points_per_side']}",
         "repeat": args.repeat, "results": results,
         "ratio_esam_over_amg": esam["timings"]["total"]
         / max(results["amg"]["timings"]["total"], 1e-9),
         "esam_postprocess_share": esam["postprocess"] / max(esam["timings"]["total"], 1e-9),
         "gallery_decoded_share": esam["counts"].get("gallery_prompts", 0) / grid,
+        # Linux reports kB: the process's high-water mark (model, both modes, images).
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     _print(report)
     if args.json:
@@ -187,4 +204,5 @@ def _print(report: dict) -> None:
           f"{report['image_hw'][1]}x{report['image_hw'][0]}]: E-SAM/AMG = "
           f"{report['ratio_esam_over_amg']:.2f}, E-SAM {report['results']['esam']['fps']:.2f} "
           f"fps, post-processing {report['esam_postprocess_share'] * 100:.0f} %, gallery "
-          f"decoded {report['gallery_decoded_share'] * 100:.0f} %")
+          f"decoded {report['gallery_decoded_share'] * 100:.0f} %, peak RSS "
+          f"{report['peak_rss_bytes'] / 2**30:.2f} GiB")

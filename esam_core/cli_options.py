@@ -18,10 +18,12 @@ import yaml
 from esam_core.config import PARAMETERS, Config, ConfigError, load_config, validate_value
 from esam_core.param_files import installed_config
 
-#: What ``--model test_tiny`` changes besides the model: its random weights score every mask near
-#: chance, so AMG's confidence filters would leave nothing to segment (config/test_tiny.yaml
-#: says the same).
+#: What ``--model test_tiny`` (or ``sam2_test_tiny``) changes besides the model: its random weights
+#: score every mask near chance, so AMG's confidence filters would leave nothing to segment
+#: (config/test_tiny.yaml says the same).
 TEST_TINY = {"mmg.prefilter": "none", "usr.prefilter": "none"}
+#: The random-weight test models (no official checkpoint).
+TEST_MODELS = ("test_tiny", "sam2_test_tiny")
 
 
 def default_config(name: str = "esam.yaml") -> Path:
@@ -60,9 +62,9 @@ def add_config_options(parser: argparse.ArgumentParser, config: str = "esam.yaml
     parser.add_argument("--model", choices=PARAMETERS["model.type"].choices,
                         help="model.type; also sets model.checkpoint to that model's official "
                              "file name (searched in $ESAM_WEIGHTS_DIR, ./, ./weights) unless "
-                             "--set model.checkpoint=... is given; test_tiny (random "
-                             "weights) also turns the confidence filters off (default: the "
-                             "config's)")
+                             "--set model.checkpoint=... is given; test_tiny and "
+                             "sam2_test_tiny (random weights) also turn the confidence filters "
+                             "off (default: the config's)")
     parser.add_argument("--set", dest="settings", action="append", type=parse_set, default=[],
                         metavar="KEY=VALUE",
                         help="override one parameter, e.g. --set emr.delta=0.1 (repeatable; "
@@ -74,7 +76,7 @@ def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None 
     changes: dict[str, Any] = {}
     if getattr(args, "model", None):
         changes.update({"model.type": args.model, "model.checkpoint": ""})
-        if args.model == "test_tiny":
+        if args.model in TEST_MODELS:
             changes.update(TEST_TINY)
     changes.update(overrides or {})
     changes.update(dict(getattr(args, "settings", None) or []))

@@ -56,16 +56,21 @@ def _b(default: bool, desc: str) -> Param:
 
 PARAMETERS: dict[str, Param] = {
     # --- model and device (read-only while running) -------------------------------------
-    "model.type": _c("vit_h", ("vit_h", "vit_l", "vit_b", "test_tiny"),
-                     "SAM backbone; test_tiny = random-weight SAM for tests only", dynamic=False),
+    "model.type": _c("vit_h", ("vit_h", "vit_l", "vit_b", "test_tiny", "sam2.1_hiera_t",
+                               "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l",
+                               "sam2_test_tiny"),
+                     "SAM or SAM 2.1 backbone; test_tiny / sam2_test_tiny = random-weight SAM / "
+                     "SAM 2 for tests only", dynamic=False),
     "model.checkpoint": Param("", "SAM checkpoint path (relative paths: to $ESAM_WEIGHTS_DIR, "
                               "then the package share dir); empty for test_tiny", dynamic=False),
     "model.device": Param("auto", "auto | cpu | cuda | cuda:N", dynamic=False),
     "model.precision": _c("fp32", ("fp32", "bf16", "fp16"),
                           "SAM precision (bf16/fp16 on CUDA only)", dynamic=False),
     "model.points_per_batch": _i(64, 1, 1024, "prompts per decoder call (~28 MB each, fp32)"),
-    "model.test_tiny_img_size": _i(256, 64, 1024, "test_tiny SAM input size", dynamic=False),
-    "model.seed": _i(0, 0, 2**31 - 1, "seed of the test_tiny random weights", dynamic=False),
+    "model.test_tiny_img_size": _i(256, 64, 1024, "test_tiny / sam2_test_tiny input size",
+                                   dynamic=False),
+    "model.seed": _i(0, 0, 2**31 - 1, "seed of the test_tiny / sam2_test_tiny random weights",
+                     dynamic=False),
     # --- what runs ---------------------------------------------------------------------
     "mode": _c("esam", ("esam", "amg", "sam_o"),
                "esam = full method; amg = SamAutomaticMaskGenerator; sam_o = object level only"),

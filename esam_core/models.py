@@ -4,6 +4,7 @@ timing, and ``test_tiny`` (a small SAM from segment-anything's own classes, for 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -83,6 +84,25 @@ def _build_tiny(img_size: int) -> Sam:
     return sam
 
 
+def random_init(cfg: Config, make: Callable[[], torch.nn.Module], random_weights: bool,
+                test_type: str) -> torch.nn.Module | None:
+    """``make()`` in eval mode with fresh weights seeded by ``model.seed`` (the caller's RNG
+    untouched) when ``random_weights`` is set or the test model ``test_type`` has no
+    checkpoint; None when a checkpoint is to be loaded. Logs that a test model is meaningless
+    and that a real-size model with random weights is for timing only."""
+    model_type = cfg["model.type"]
+    if model_type == test_type:
+        _LOG.warning("model.type %s: a tiny random-weight model whose masks are meaningless "
+                     "(tests and smoke runs only)", test_type)
+    if not (random_weights or (model_type == test_type and not cfg["model.checkpoint"])):
+        return None
+    if model_type != test_type:
+        _LOG.warning("%s with random weights: for timing only", model_type)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["model.seed"])
+        return make().eval()
+
+
 def build_sam_model(cfg: Config, random_weights: bool = False) -> Sam:
     """The ``cfg["model.type"]`` SAM on the CPU, in eval mode.
 
@@ -94,19 +114,12 @@ def build_sam_model(cfg: Config, random_weights: bool = False) -> Sam:
         CheckpointError: missing, truncated/corrupt, or wrong checkpoint (one line with the fix).
     """
     model_type = cfg["model.type"]
-    if model_type == "test_tiny":
-        make = partial(_build_tiny, cfg["model.test_tiny_img_size"])
-        _LOG.warning("model.type test_tiny: a tiny SAM whose masks are meaningless "
-                     "(tests and smoke runs only)")
-    else:
-        make = sam_model_registry[model_type]
+    make = (partial(_build_tiny, cfg["model.test_tiny_img_size"]) if model_type == "test_tiny"
+            else sam_model_registry[model_type])
+    model = random_init(cfg, make, random_weights, "test_tiny")
+    if model is not None:
+        return model
     checkpoint = cfg["model.checkpoint"]
-    if random_weights or (model_type == "test_tiny" and not checkpoint):
-        if model_type != "test_tiny":
-            _LOG.warning("%s with random weights: for timing only", model_type)
-        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
-            torch.manual_seed(cfg["model.seed"])
-            return make().eval()
     path = resolve_checkpoint(checkpoint, model_type)
     state = load_checkpoint(path, model_type)
     with torch.device("meta"):  # shapes only: no memory, no random init of weights we replace

@@ -53,18 +53,19 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 class EntitySegmenter:
-    """E-SAM entity segmentation on a promptable backend (``SamBackend`` by default).
+    """E-SAM entity segmentation on a promptable backend (by default the ``model.type``'s:
+    ``SamBackend`` or ``Sam2Backend``).
 
     Args:
         cfg: validated configuration (``esam_core.config.load_config``).
-        backend: a ``PromptBackend``; built from ``cfg["model.*"]`` when None (loads SAM).
+        backend: a ``PromptBackend``; built from ``cfg["model.*"]`` when None (loads the model).
     """
 
     def __init__(self, cfg: Config, backend: PromptBackend | None = None) -> None:
         if backend is None:
-            from esam_core.backend import SamBackend
+            from esam_core.backends import build_backend
 
-            backend = SamBackend(cfg)
+            backend = build_backend(cfg)
         self.backend = backend
         self._cfg = cfg
         self._threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esam-superpixels")

@@ -1,9 +1,11 @@
-"""SAM checkpoints: the official files, finding and checking one, and `esam download-weights`.
+"""SAM and SAM 2.1 checkpoints: the official files, finding and checking one, downloading.
 
 Weights are never downloaded implicitly (a robot must not fetch 2.5 GB on start-up): the node and
 the CLI fail with the paths they looked at, the official URL and SHA-256, and the command to run.
-``download_weights`` streams to ``<name>.part``, verifies the SHA-256 and only then renames it, so
-a half-downloaded file is never mistaken for a checkpoint. torch is imported only to read one.
+``download_weights`` streams to ``<name>.part``, verifies it and only then renames it, so a
+half-downloaded file is never mistaken for a checkpoint. Meta publishes SHA-256 digests for the
+SAM files only; a SAM 2.1 download is verified by its length (the server's Content-Length) and by
+loading it into the model its type names. torch is imported only to read one.
 """
 
 from __future__ import annotations
@@ -28,17 +30,23 @@ if TYPE_CHECKING:
 _LOG = logging.getLogger(__name__)
 
 _BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+#: Where facebookresearch/sam2's checkpoints/download_ckpts.sh fetches the SAM 2.1 files.
+_SAM2_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 _CHUNK = 1 << 20  # bytes per read / hash update
 #: Encoder width -> model type, to say what a wrong checkpoint looks like.
 _EMBED_DIM_TO_TYPE = {64: "test_tiny", 768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+#: SAM 2 Hiera trunk width -> model type (tiny and small share a width).
+_HIERA_DIM_TO_TYPE = {16: "sam2_test_tiny", 96: "sam2.1_hiera_t or sam2.1_hiera_s",
+                      112: "sam2.1_hiera_b+", 144: "sam2.1_hiera_l"}
 
 
 class CheckpointInfo(NamedTuple):
-    """An official checkpoint: download URL, SHA-256 (hex) and size in bytes."""
+    """An official checkpoint: download URL, SHA-256 (hex) and size in bytes (None: not
+    published by Meta, as for SAM 2.1)."""
 
     url: str
-    sha256: str
-    size: int
+    sha256: str | None = None
+    size: int | None = None
 
     @property
     def filename(self) -> str:
@@ -62,6 +70,11 @@ CHECKPOINTS: dict[str, CheckpointInfo] = {
         "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
         375_042_383,
     ),
+    # SAM 2.1 (facebookresearch/sam2 README "Download Checkpoints"); no digests are published.
+    "sam2.1_hiera_t": CheckpointInfo(_SAM2_BASE_URL + "sam2.1_hiera_tiny.pt"),
+    "sam2.1_hiera_s": CheckpointInfo(_SAM2_BASE_URL + "sam2.1_hiera_small.pt"),
+    "sam2.1_hiera_b+": CheckpointInfo(_SAM2_BASE_URL + "sam2.1_hiera_base_plus.pt"),
+    "sam2.1_hiera_l": CheckpointInfo(_SAM2_BASE_URL + "sam2.1_hiera_large.pt"),
 }
 
 
@@ -92,36 +105,39 @@ def sha256_file(path: str | Path) -> str:
 
 def download_weights(model_type: str, directory: str | Path, url: str | None = None,
                      sha256: str | None = None, progress: bool = True) -> Path:
-    """Download and verify a SAM checkpoint; returns the path of the verified file.
+    """Download and verify a SAM or SAM 2.1 checkpoint; returns the path of the verified file.
 
     Args:
-        model_type: ``vit_b`` | ``vit_l`` | ``vit_h`` (any name when ``url`` and ``sha256`` are
-            both given).
+        model_type: a key of ``CHECKPOINTS`` (any name when ``url`` and ``sha256`` are both
+            given).
         directory: where the file goes (created if needed); the file name is the URL's.
         url: a mirror of the official file (default: the official URL).
-        sha256: expected hex digest (default: the official one for ``model_type``).
+        sha256: expected hex digest (default: the official one for ``model_type``; SAM 2.1 has
+            none, so its file is checked by length and by loading it into the model instead).
         progress: show a tqdm progress bar on stderr.
 
-    An already present file whose digest matches is kept and not downloaded again.
+    An already present file that verifies is kept and not downloaded again.
 
     Raises:
-        WeightsError: unknown model type, network/HTTP failure, or checksum mismatch (the partial
-            file is deleted in every failure case).
+        WeightsError: unknown model type, network/HTTP failure, a short read, checksum mismatch,
+            or a file that does not load as ``model_type`` (the partial file is deleted in every
+            failure case).
     """
     info = CHECKPOINTS.get(model_type)
     if info is None and (url is None or sha256 is None):
         raise WeightsError(f"unknown model type '{model_type}': expected one of "
                            f"{sorted(CHECKPOINTS)} (or give both a URL and a SHA-256)")
     url = url or info.url
-    expected = (sha256 or info.sha256).lower()
+    expected = (sha256 or info.sha256 or "").lower() or None
     directory = Path(directory)
     target = directory / url_filename(url)
 
     if target.is_file():
-        if sha256_file(target) == expected:
+        problem = _unverified(target, model_type, expected)
+        if problem is None:
             _LOG.info("%s already present and verified", target)
             return target
-        _LOG.warning("%s exists but its SHA-256 does not match; downloading it again", target)
+        _LOG.warning("%s exists but %s; downloading it again", target, problem)
 
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -132,20 +148,40 @@ def download_weights(model_type: str, directory: str | Path, url: str | None = N
         actual = _stream(url, part, progress)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         part.unlink(missing_ok=True)
+        digest = f"SHA-256 {expected}" if expected else "Meta publishes no SHA-256 for it"
         raise WeightsError(f"could not download {url}: {_reason(exc)}; download it manually to "
-                           f"{directory.resolve()} (SHA-256 {expected})") from None
-    if actual != expected:
+                           f"{directory.resolve()} ({digest})") from None
+    problem = _unverified(part, model_type, expected, actual)
+    if problem is not None:
         part.unlink(missing_ok=True)
-        raise WeightsError(f"checksum mismatch for {url}: got SHA-256 {actual}, expected "
-                           f"{expected}; the partial file was deleted")
+        raise WeightsError(f"{url}: {problem}; the partial file was deleted")
     os.replace(part, target)
-    _LOG.info("downloaded and verified %s", target)
+    _LOG.info("downloaded and verified %s (SHA-256 %s)", target, actual)
     return target
 
 
+def _unverified(path: Path, model_type: str, expected: str | None,
+                digest: str | None = None) -> str | None:
+    """Why ``path`` is not a good ``model_type`` checkpoint (None: it is): the digest decides,
+    or without one (SAM 2.1) whether it loads and fits the model."""
+    if expected is None:
+        from esam_core.backends.sam2_models import checkpoint_problem
+
+        return checkpoint_problem(path, model_type)
+    digest = digest or sha256_file(path)
+    return (None if digest == expected
+            else f"checksum mismatch: got SHA-256 {digest}, expected {expected}")
+
+
 def _stream(url: str, part: Path, progress: bool) -> str:
-    """Copy ``url`` to ``part`` and return the hex SHA-256 of what was written."""
+    """Copy ``url`` to ``part`` and return the hex SHA-256 of what was written.
+
+    Raises:
+        ValueError: fewer bytes arrived than the server's Content-Length (urllib reads a
+            connection closed early as the end of the file).
+    """
     digest = hashlib.sha256()
+    written = 0
     with urllib.request.urlopen(url, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
@@ -154,7 +190,10 @@ def _stream(url: str, part: Path, progress: bool) -> str:
             for block in iter(lambda: response.read(_CHUNK), b""):
                 f.write(block)
                 digest.update(block)
+                written += len(block)
                 bar.update(len(block))
+    if total is not None and written != total:
+        raise ValueError(f"the connection closed after {written} of {total} bytes")
     return digest.hexdigest()
 
 
@@ -174,7 +213,9 @@ def _hint(model_type: str) -> str:
     info = CHECKPOINTS.get(model_type)
     if info is None:
         return f"{model_type} has no official checkpoint (save one with torch.save(state_dict))"
-    return (f"the official {model_type} checkpoint is {info.url} (SHA-256 {info.sha256}); get it "
+    digest = (f"SHA-256 {info.sha256}" if info.sha256
+              else "Meta publishes no SHA-256; it is checked by loading it")
+    return (f"the official {model_type} checkpoint is {info.url} ({digest}); get it "
             f"with `esam download-weights {model_type}`")
 
 
@@ -220,14 +261,15 @@ def resolve_checkpoint(checkpoint: str, model_type: str) -> Path:
 def load_checkpoint(path: Path, model_type: str) -> dict[str, torch.Tensor]:
     """Read a state_dict on the CPU (``weights_only``), refusing truncated or corrupt files.
 
-    The size is checked first when the file has an official name, so a truncated 2.5 GB
-    download fails at once instead of after reading it.
+    The size is checked first when the file has an official name and size, so a truncated
+    2.5 GB download fails at once instead of after reading it. A SAM 2 checkpoint's state_dict
+    is the one under its ``"model"`` key (as ``sam2.build_sam`` reads it).
     """
     import torch
 
     info = CHECKPOINTS.get(model_type)
     size = path.stat().st_size
-    if info is not None and path.name == info.filename and size != info.size:
+    if info is not None and info.size and path.name == info.filename and size != info.size:
         raise CheckpointError(f"{path} has {size} bytes, expected {info.size} for the {model_type} "
                               f"checkpoint (truncated or corrupt); {_hint(model_type)}")
     try:
@@ -236,6 +278,8 @@ def load_checkpoint(path: Path, model_type: str) -> dict[str, torch.Tensor]:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"cannot read {path} as a {model_type} checkpoint (truncated or "
                               f"corrupt?): {reason}; {_hint(model_type)}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a SAM state_dict (expected a mapping of tensors) "
                               f"for {model_type}; {_hint(model_type)}")
@@ -252,14 +296,19 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
                        if state[k].shape != expected[k].shape)
     if not (missing or unexpected or misshaped):
         return
-    pos = state.get("image_encoder.pos_embed")
-    if pos is None:
-        looks = "it is not a SAM checkpoint (no image_encoder.pos_embed)"
+    pos, hiera = state.get("image_encoder.pos_embed"), state.get("image_encoder.trunk.pos_embed")
+    if pos is None and hiera is None:
+        looks = "it is not a SAM or SAM 2 checkpoint (no image_encoder.pos_embed)"
     else:
-        dim = int(pos.shape[-1])
-        guess = _EMBED_DIM_TO_TYPE.get(dim, f"a SAM with a {dim}-wide encoder")
-        looks = (f"it has {guess}'s encoder width but other layers" if guess == model_type
-                 else f"it looks like {guess}, expected {model_type}")
+        if pos is not None:
+            dim = int(pos.shape[-1])
+            guess = _EMBED_DIM_TO_TYPE.get(dim, f"a SAM with a {dim}-wide encoder")
+        else:
+            dim = int(hiera.shape[1])
+            guess = _HIERA_DIM_TO_TYPE.get(dim, f"a SAM 2 with a {dim}-wide Hiera")
+        looks = (f"it has {model_type}'s encoder width but other layers"
+                 if model_type in guess.split(" or ") else
+                 f"it looks like {guess}, expected {model_type}")
     example = (misshaped or missing or unexpected)[0]
     raise CheckpointError(
         f"{path} does not fit model type {model_type}: {looks} "
@@ -270,10 +319,11 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
 # --- CLI ---------------------------------------------------------------------------------------
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``esam download-weights vit_b|vit_l|vit_h [--dir DIR]``."""
-    p = subparsers.add_parser("download-weights", help="download and verify a SAM checkpoint",
+    """Add ``esam download-weights vit_b|...|sam2.1_hiera_l [--dir DIR]``."""
+    p = subparsers.add_parser("download-weights",
+                              help="download and verify a SAM or SAM 2.1 checkpoint",
                               description=__doc__.splitlines()[0])
-    p.add_argument("model_type", choices=sorted(CHECKPOINTS), help="SAM backbone")
+    p.add_argument("model_type", choices=sorted(CHECKPOINTS), help="SAM or SAM 2.1 backbone")
     p.add_argument("--dir", default="weights", help="target directory")
     p.add_argument("--url", default=None,
                    help="a mirror of the official file (default: the official URL)")
