@@ -105,11 +105,16 @@ def parse_stage(text: str) -> tuple[float, str]:
     return float(ms) / 1000.0, work
 
 
+def warmup(seconds: float) -> float:
+    """Seconds at the start of a run that are not counted (the node starts up)."""
+    return min(2.0, seconds / 4)
+
+
 def stream_run(segmenter: Any, config: str | None, cameras: int, overlap: bool, rate: float,
-               seconds: float, hw: tuple[int, int], warmup_s: float = 2.0,
-               domain_id: int | None = None) -> dict[str, float]:
-    """One run: ``cameras`` cameras at ``rate`` Hz each for ``seconds``; figures after
-    ``warmup_s``."""
+               seconds: float, hw: tuple[int, int], domain_id: int | None = None
+               ) -> dict[str, float]:
+    """One run: ``cameras`` cameras at ``rate`` Hz each for ``seconds``; figures after the
+    ``warmup``."""
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
@@ -153,7 +158,7 @@ def stream_run(segmenter: Any, config: str | None, cameras: int, overlap: bool, 
         time.sleep(1.0)  # let the frames in flight arrive (not counted in the window)
         snaps = [node.stats.snapshot(c) for c in names]
         stage_s = dict(node.stats.stage_s)
-    start = t0 + warmup_s
+    start = t0 + warmup(seconds)
     with lock:
         window = [(k, t) for k, t in arrived.items() if start <= t <= t_end]
     e2e = [(t - sent[k]) * 1000.0 for k, t in window if k in sent]
@@ -171,16 +176,23 @@ def _pct(values: Any, q: float) -> float:
 
 def halves_alone(segmenter: Any, hw: tuple[int, int]) -> tuple[float, float]:
     """Milliseconds of ``prepare`` and ``finish`` alone on one frame (median of 3, after one
-    warm-up frame)."""
+    warm-up frame), in a thread of their own as in the node (on a loaded machine torch in the
+    main thread can be several times slower)."""
     rgb = np.random.default_rng(2).integers(0, 256, (*hw, 3), dtype=np.uint8)
-    segmenter.segment(rgb)
     times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        prepared = segmenter.prepare(rgb)
-        t1 = time.perf_counter()
-        segmenter.finish(prepared)
-        times.append((t1 - t0, time.perf_counter() - t1))
+
+    def run() -> None:
+        segmenter.segment(rgb)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            prepared = segmenter.prepare(rgb)
+            t1 = time.perf_counter()
+            segmenter.finish(prepared)
+            times.append((t1 - t0, time.perf_counter() - t1))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
     enc, post = np.median(np.asarray(times), axis=0) * 1000.0
     return float(enc), float(post)
 
@@ -205,7 +217,8 @@ def run_stream_benchmark(a: Any) -> int:
     counts = [int(c) for c in a.cameras.split(",")]
     print(f"stream: {what}; measured alone (median of 3): prepare {encoder_ms:.0f} ms, finish "
           f"{post_ms:.0f} ms; {a.width}x{a.height} rgb8 at {a.rate:g} Hz per camera, "
-          f"{a.seconds:g} s per run (first 2 s not counted), {a.runs} interleaved rounds")
+          f"{a.seconds:g} s per run (first {warmup(a.seconds):g} s not counted), {a.runs} "
+          f"interleaved rounds")
     results: dict[tuple[int, bool], list[dict[str, float]]] = {}
     for r in range(a.runs):
         for cams in counts:
