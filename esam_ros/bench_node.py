@@ -9,16 +9,20 @@ result instantly, so the latency is the node's overhead alone; with ``--config``
 The DDS part never talks on the robot's network: it uses its own ROS domain (``--domain-id``,
 default one derived from the process id in 200..231, whatever ``ROS_DOMAIN_ID`` says), discovery
 on localhost only, and topics under a private namespace; it prints all three.
+
+``--stream`` measures instead throughput and latency under a stream of frames, with the node's
+``pipeline_overlap`` off and on (``esam_ros.bench_stream``).
 """
 
 from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cv2
@@ -109,36 +113,77 @@ def isolate_dds(domain_id: int | None) -> int:
     return 200 + os.getpid() % 32 if domain_id is None else domain_id
 
 
-def end_to_end(h: int, w: int, n: int, frames: int, config: str | None,
-               domain_id: int | None = None) -> dict[str, Any]:
-    """Publish ``frames`` frames one at a time through a real EsamNode on an isolated DDS domain
-    (``isolate_dds``); latencies in ms. Everything is shut down, threads joined, before return."""
+@contextlib.contextmanager
+def session(segmenter: Any, config: str | None, overrides: dict[str, Any],
+            domain_id: int | None = None, announce: bool = True
+            ) -> Iterator[tuple[Any, Any, str]]:
+    """A real EsamNode (``segmenter``, or built from ``config``; parameter ``overrides``) and a
+    client node on an isolated DDS domain (``isolate_dds``, printed with ``announce``), spun by
+    a two-thread executor.
+
+    Yields (node, client, namespace). On exit everything is shut down and the threads joined.
+    """
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image
 
     from esam_ros.esam_node import EsamNode
-    from esam_ros.msg import EntityArray
 
     domain = isolate_dds(domain_id)
     namespace = f"/esam_bench_{os.getpid()}"
     context = Context()
     args = ["--ros-args", "--params-file", config] if config else None
     rclpy.init(context=context, args=args, domain_id=domain)
-    print(f"DDS: isolated domain {domain}, localhost-only discovery, topics under {namespace} "
-          f"(ROS_DOMAIN_ID ignored)")
+    if announce:
+        print(f"DDS: isolated domain {domain}, localhost-only discovery, topics under "
+              f"{namespace} (ROS_DOMAIN_ID ignored)")
+    node = client = executor = spinner = None
+    try:
+        node = EsamNode(segmenter=segmenter, context=context, namespace=namespace,
+                        parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()],
+                        params_files=[config] if config else None)
+        client = rclpy.create_node("bench_client", namespace=namespace, context=context)
+        executor = MultiThreadedExecutor(num_threads=2, context=context)
+        executor.add_node(node)
+        executor.add_node(client)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        yield node, client, namespace
+    finally:  # an executor thread left spinning at exit aborts the process ("terminate called")
+        if executor is not None:
+            executor.shutdown(timeout_sec=10.0)
+        if spinner is not None:
+            spinner.join(timeout=10.0)
+        for n_ in (node, client):
+            if n_ is not None:
+                n_.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def wait_matched(client: Any, pubs: list[Any], outputs: list[str]) -> None:
+    """Wait until the node subscribes to every publisher and publishes every output topic."""
+    deadline = time.monotonic() + 20.0
+    while any(p.get_subscription_count() == 0 for p in pubs) or any(
+            client.count_publishers(t) == 0 for t in outputs):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the node and the benchmark client did not discover each other")
+        time.sleep(0.05)
+
+
+def end_to_end(h: int, w: int, n: int, frames: int, config: str | None,
+               domain_id: int | None = None) -> dict[str, Any]:
+    """Publish ``frames`` frames one at a time through a real EsamNode on an isolated DDS domain
+    (``isolate_dds``); latencies in ms. Everything is shut down, threads joined, before return."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from esam_ros.msg import EntityArray
+
     labels = blocks_label_map(h, w, n)
     seg = None if config else Precomputed(
         EntitySegmentation(labels, entities_from_label_map(labels, [0.9] * n)))
-    node = client = executor = spinner = None
-    try:
-        node = EsamNode(segmenter=seg, context=context, namespace=namespace,
-                        parameter_overrides=[Parameter("qos.reliability", value="reliable")],
-                        params_files=[config] if config else None)
-        client = rclpy.create_node("bench_client", namespace=namespace, context=context)
+    with session(seg, config, {"qos.reliability": "reliable"}, domain_id) as (node, client, ns):
         qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         arrived = threading.Event()
         received: dict[int, float] = {}
@@ -149,19 +194,8 @@ def end_to_end(h: int, w: int, n: int, frames: int, config: str | None,
 
         client.create_subscription(EntityArray, "entities", on_entities, qos)
         pub = client.create_publisher(Image, "image", qos)
-        executor = MultiThreadedExecutor(num_threads=2, context=context)
-        executor.add_node(node)
-        executor.add_node(client)
-        spinner = threading.Thread(target=executor.spin, daemon=True)
-        spinner.start()
+        wait_matched(client, [pub], [f"{ns}/entities"])
         rgb = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
-        deadline = time.monotonic() + 20.0
-        while pub.get_subscription_count() == 0 or client.count_publishers(
-                f"{namespace}/entities") == 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the node and the benchmark client did not discover each "
-                                   "other")
-            time.sleep(0.05)
         sent: dict[int, float] = {}
         for i in range(frames + 3):  # three warm-up frames
             msg = Image(height=h, width=w, encoding="rgb8", step=3 * w)
@@ -173,15 +207,6 @@ def end_to_end(h: int, w: int, n: int, frames: int, config: str | None,
             arrived.wait(timeout=120.0)
         stats = node.stats.snapshot("")
         stage_s = dict(node.stats.stage_s)
-    finally:  # an executor thread left spinning at exit aborts the process ("terminate called")
-        if executor is not None:
-            executor.shutdown(timeout_sec=10.0)
-        if spinner is not None:
-            spinner.join(timeout=10.0)
-        for n_ in (node, client):
-            if n_ is not None:
-                n_.destroy_node()
-        rclpy.shutdown(context=context)
     lat = [(received[i] - sent[i]) * 1000.0 for i in range(3, frames + 3) if i in received]
     node_lat = np.asarray(stats["latency_s"][3:]) * 1000.0
     return dict(frames=len(lat), e2e=(np.median(lat), np.percentile(lat, 95)),
@@ -204,7 +229,21 @@ def main(argv: list[str] | None = None) -> int:
                                          "instant segmenter, node overhead only)")
     parser.add_argument("--domain-id", type=int, choices=range(0, 233), metavar="0..232",
                         help="ROS domain of the DDS part (default: 200 + pid % 32)")
+    stream = parser.add_argument_group("--stream: pipeline_overlap off vs on under a stream")
+    stream.add_argument("--stream", action="store_true", help="run this instead")
+    stream.add_argument("--cameras", default="1,2", help="camera counts to run")
+    stream.add_argument("--rate", type=float, default=5.0, help="frames per second per camera")
+    stream.add_argument("--seconds", type=float, default=12.0, help="length of one run")
+    stream.add_argument("--runs", type=int, default=3, help="interleaved rounds")
+    stream.add_argument("--fake-encoder", default="150:sleep", metavar="MS:sleep|burn",
+                        help="without --config: TimedFakeSegmenter's encoder time and kind")
+    stream.add_argument("--fake-post", default="300:burn", metavar="MS:sleep|burn",
+                        help="without --config: its post-processing time and kind")
     a = parser.parse_args(argv)
+    if a.stream:
+        from esam_ros.bench_stream import run_stream_benchmark
+
+        return run_stream_benchmark(a)
     h, w, n = a.height, a.width, a.entities
     print(f"node stages at {w}x{h}, {n} entities (ms, median / p95):")
     for name, (med, p95) in stage_benchmarks(h, w, n, a.repeat).items():

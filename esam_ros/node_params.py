@@ -53,6 +53,10 @@ NODE_PARAMETERS: dict[str, Param] = {
                                 "cancelled at its next stage boundary; a process exits after "
                                 "waiting at most this long (s) for it (a second signal: at once)",
                                 min=0.0, max=600.0),
+    "pipeline_overlap": Param(True, "two worker threads: encode the next frame (SAM's image "
+                              "encoder) while the current one is post-processed (MMG, EMR, USR, "
+                              "publishing); false: one thread, one frame at a time",
+                              dynamic=False),
     "depth.max_wait_s": Param(0.1, "while the newest depth frame is older than the colour "
                               "frame, wait this long (s) for a nearer one", min=0.0, max=10.0),
 }

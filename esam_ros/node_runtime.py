@@ -6,10 +6,11 @@ gives the node its life in four steps, which the plain node runs at once and the
 from its transitions:
     _declare        parameters (validated), cameras, counters
     _load_model     the EntitySegmenter (the slow part; a missing checkpoint raises here)
-    _start_io/_stop_io  subscriptions, publishers, /diagnostics timer and the worker thread
+    _start_io/_stop_io  subscriptions, publishers, /diagnostics timer and the worker threads
     _release_model  drop the model and return cached CUDA memory
 
-The frame path (one-slot input, worker thread, publishing) is ``esam_ros.node_worker``.
+The frame path is ``esam_ros.node_worker`` (one-slot input, publishing) and
+``esam_ros.node_pipeline`` (the worker threads: encoder and post-processing, overlapped).
 """
 
 from __future__ import annotations
@@ -42,16 +43,17 @@ from esam_ros.node_params import (
     ros_params_files,
     undeclared_overrides,
 )
+from esam_ros.node_pipeline import FramePipeline
 from esam_ros.node_shutdown import bounded_stop
 from esam_ros.node_stats import NodeStats
-from esam_ros.node_worker import CameraState, FrameWorker
+from esam_ros.node_worker import CameraState
 
 
 class StartupError(Exception):
     """The node could not start; ``run`` logs the message as one fatal line."""
 
 
-class EsamRuntime(FrameWorker):
+class EsamRuntime(FramePipeline):
     """Mixin for an rclpy ``Node``: parameters, model, per-camera I/O, worker, publishing."""
 
     def _init_runtime(self, params_files: list[str] | None, cli_args: list[str] | None) -> None:
@@ -64,7 +66,9 @@ class EsamRuntime(FrameWorker):
         self._params_files = list(params_files or []) + ros_params_files(cli_args or [])
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []  # of the current activation
+        self._busy: dict[str, tuple[str, str, float]] = {}
+        self._handoff = None
         self._io: list[tuple[Callable[[Any], Any], Any]] = []  # (destroy, entity) of _start_io
         self._cfg: Config | None = None
         self._cfg_dirty = False
@@ -148,15 +152,13 @@ class EsamRuntime(FrameWorker):
                 + "; ".join(cams))
 
     def _start_io(self) -> None:
-        """Subscriptions, publishers, the /diagnostics timer, then the worker thread."""
-        self._stop_worker()  # exactly one worker: a previous one must be gone first
+        """Subscriptions, publishers, the /diagnostics timer, then the worker threads."""
+        self._stop_worker()  # exactly one pipeline: a previous one must be gone first
         for cam in self.cameras.values():
             cam.slot = None  # nothing left over from before a deactivate
         self._create_io()
         stop = self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._work, args=(stop,), name="esam_worker",
-                                        daemon=True)
-        self._worker.start()
+        self._workers = self._start_pipeline(stop)
 
     def _create_io(self) -> None:
         compressed = self.params["input_transport"] == "compressed"
@@ -188,25 +190,25 @@ class EsamRuntime(FrameWorker):
         self._io += [(self.destroy_publisher, self._diag_pub), (self.destroy_timer, timer)]
 
     def _stop_worker(self, timeout: float | None = None) -> bool:
-        """Stop the worker: its frame in flight is cancelled at the next stage boundary.
+        """Stop the worker threads: their frames in flight are cancelled at the next stage
+        boundary.
 
         Logs what it waits for. ``timeout``: give up after this long (process shutdown); None
-        waits until the worker is gone (transitions: never two workers, nor one using a
-        released model), saying so every ``shutdown_timeout_s``. Returns whether it is gone.
+        waits until the workers are gone (transitions: never two pipelines, nor one using a
+        released model), saying so every ``shutdown_timeout_s``. Returns whether they are gone.
         """
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        worker = self._worker
-        if worker is None or worker is threading.current_thread() or not worker.is_alive():
-            return True
+        self._wake_pipeline()
+        workers = [w for w in self._workers if w is not threading.current_thread()]
         step = max(self.params.get("shutdown_timeout_s", 3.0), 0.1)
         t0 = time.perf_counter()
-        while worker.is_alive():
+        while (worker := next((w for w in workers if w.is_alive()), None)) is not None:
             busy = self._busy_text()
             if busy:
                 limit = "" if timeout is None else f" (at most {timeout:.1f} s)"
-                self.get_logger().info(f"stopping: waiting for {busy} to stop at its next "
+                self.get_logger().info(f"stopping: waiting for {busy} to stop at the next "
                                        f"stage boundary{limit}")
             left = step if timeout is None else timeout - (time.perf_counter() - t0)
             if left <= 0:
@@ -215,9 +217,9 @@ class EsamRuntime(FrameWorker):
         return True
 
     def _stop_io(self) -> None:
-        """Stop the worker (cancelling its frame), then destroy what ``_start_io`` created."""
+        """Stop the workers (cancelling their frames), then destroy what ``_start_io`` created."""
         self._stop_worker()
-        self._worker = None
+        self._workers = []
         for destroy, entity in reversed(self._io):
             destroy(entity)
         self._io = []

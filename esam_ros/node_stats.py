@@ -30,6 +30,7 @@ class CameraStats:
         self.received = 0
         self.published = 0
         self.dropped = 0
+        self.cancelled = 0  # taken for processing, then stopped by shutdown or deactivate
         self.downscaled = 0
         self.bad: collections.Counter[str] = collections.Counter()
         self.latency_s: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
@@ -88,6 +89,11 @@ class NodeStats:
         with self._lock:
             return dict(self._problems)
 
+    def cancelled(self, cam: str) -> None:
+        """A frame in flight (or encoded and waiting) was stopped by shutdown or deactivate."""
+        with self._lock:
+            self.cameras[cam].cancelled += 1
+
     def downscaled(self, cam: str) -> None:
         with self._lock:
             self.cameras[cam].downscaled += 1
@@ -144,6 +150,7 @@ class NodeStats:
         with self._lock:
             s = self.cameras[cam]
             return dict(received=s.received, published=s.published, dropped=s.dropped,
+                        cancelled=s.cancelled,
                         downscaled=s.downscaled, bad=dict(s.bad), latency_s=list(s.latency_s),
                         depth_received=s.depth_received, depth_paired=s.depth_paired,
                         depth_missing=dict(s.depth_missing), coverage=list(s.coverage),
@@ -174,6 +181,7 @@ class NodeStats:
             "received": str(received),
             "published": str(published),
             "dropped": str(s.dropped),
+            "cancelled (stopping)": str(s.cancelled),
             "downscaled": str(s.downscaled),
             "bad frames": str(bad),
         }

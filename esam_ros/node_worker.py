@@ -1,24 +1,21 @@
-"""The frame path of the E-SAM nodes (``FrameWorker``, a mixin of ``EsamRuntime``): one-slot
-input per camera, the worker thread, decoding, E-SAM, annotation and publishing.
+"""Both ends of the E-SAM nodes' frame path (``FrameWorker``, a mixin of ``EsamRuntime``): the
+one-slot input per camera, taking the next frame, decoding it, and publishing the results.
 
 Threading: subscription callbacks only store the newest message of their camera (one slot; a
-replaced, unprocessed message counts as dropped). One worker thread runs E-SAM on the newest frame
-of the camera served longest ago, so the executor stays free for parameters and services and no
-camera starves. Stopping (shutdown, deactivate) sets the worker's own stop event, which also
-cancels the frame in flight at its next stage boundary (``EntitySegmenter.segment(cancel=)``).
+replaced, unprocessed message counts as dropped). The worker threads (``esam_ros.node_pipeline``)
+take the newest frame of the camera served longest ago, so the executor stays free for parameters
+and services and no camera starves.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import traceback
 from typing import Any
 
 from sensor_msgs.msg import CompressedImage
 
 from esam_core.config import Config
-from esam_core.pipeline import Cancelled
 from esam_ros import conversions
 from esam_ros.conversions import ImageError
 from esam_ros.frame_decode import check_frame, decode_frame
@@ -54,8 +51,6 @@ class FrameWorker:
     _cfg_dirty: bool
     _last_log: dict[tuple[str, str], float]
     _downscale_logged: set[str]
-    #: (camera, frame_id, perf_counter at start) of the frame in flight, None when idle.
-    _busy: tuple[str, str, float] | None = None
 
     # --- executor side: a cheap callback only -----------------------------------------------
 
@@ -78,7 +73,7 @@ class FrameWorker:
             self._cond.notify()
         self.stats.received(cam.name, replaced, stamp_s(msg.header))
 
-    # --- worker thread ------------------------------------------------------------------------
+    # --- worker threads -----------------------------------------------------------------------
 
     def _next_frame(self, stop: threading.Event
                     ) -> tuple[CameraState, Any, float, Config | None] | None:
@@ -95,37 +90,6 @@ class FrameWorker:
                 self._cond.wait(timeout=0.5)
         return None
 
-    def _work(self, stop: threading.Event) -> None:
-        """The worker thread; ``stop`` is its own event (a later worker gets a new one)."""
-        while (item := self._next_frame(stop)) is not None:
-            cam, msg, t_recv, cfg = item
-            self._busy = (cam.name, str(msg.header.frame_id), time.perf_counter())
-            try:
-                if cfg is not None:
-                    self.segmenter.set_config(cfg)
-                    for c in self.cameras.values():
-                        c.spatial.set_config(cfg)
-                self._process(cam, msg, t_recv, stop)
-            except Cancelled:
-                self.get_logger().info(f"camera '{cam.name or '/'}': frame "
-                                       f"'{msg.header.frame_id}' cancelled (stopping)")
-                return
-            except Exception as exc:  # never let one frame kill the worker
-                if stop.is_set():
-                    return  # publishers are going away during shutdown
-                self._bad_frame(cam, "node_error", f"{type(exc).__name__}: {exc}")
-                self.get_logger().debug(traceback.format_exc())
-            finally:
-                self._busy = None
-
-    def _busy_text(self) -> str:
-        """What the worker is doing, for the shutdown log ('' when idle)."""
-        busy = self._busy
-        if busy is None:
-            return ""
-        return (f"the frame in flight (camera '{busy[0] or '/'}', frame_id '{busy[1]}', "
-                f"{time.perf_counter() - busy[2]:.1f} s in E-SAM)")
-
     def _to_rgb(self, cam: CameraState, msg: Any) -> Any:
         """Decode one frame within max_image_pixels; raises ImageError (with a reason)."""
         limit = self.params["max_image_pixels"]
@@ -139,34 +103,6 @@ class FrameWorker:
                     f"camera '{cam.name or '/'}': frames of {w}x{h} exceed max_image_pixels "
                     f"{limit}; downscaled to {rgb.shape[1]}x{rgb.shape[0]} (outputs at that size)")
         return rgb
-
-    def _process(self, cam: CameraState, msg: Any, t_recv: float,
-                 stop: threading.Event | None = None) -> None:
-        t0 = time.perf_counter()
-        try:
-            rgb = self._to_rgb(cam, msg)
-        except ImageError as exc:
-            self._bad_frame(cam, exc.reason, str(exc))
-            return
-        t1 = time.perf_counter()
-        try:
-            result = self.segmenter.segment(rgb, cancel=stop)
-            if result.label_map.shape != rgb.shape[:2]:  # never publish another frame's answer
-                raise RuntimeError(f"label map {result.label_map.shape} for a frame of "
-                                   f"{rgb.shape[:2]}")
-        except Cancelled:
-            raise
-        except Exception as exc:  # one bad frame must not stop the node
-            self._bad_frame(cam, "esam_error", f"E-SAM failed: {type(exc).__name__}: {exc}")
-            self.get_logger().debug(traceback.format_exc())
-            return
-        t2 = time.perf_counter()
-        cam.spatial.annotate(msg.header, result)  # track ids; 3D from paired depth
-        t3 = time.perf_counter()
-        self.publish_result(cam, msg.header, rgb, result)
-        t4 = time.perf_counter()
-        stages = {"decode": t1 - t0, **result.timings, "annotate": t3 - t2, "publish": t4 - t3}
-        self.stats.published(cam.name, t4 - t_recv, stages)
 
     def publish_result(self, cam: CameraState, header: Any, rgb: Any, result: Any) -> None:
         """Publish entities, label image and (when wanted) the overlay, all with ``header``."""

@@ -125,12 +125,12 @@ def test_configure_loads_model_and_activate_serves(managed: Harness) -> None:
 
 def test_deactivate_releases_model_and_stops_output(managed: Harness) -> None:
     esam = managed.esam
-    segmenter, worker = esam.segmenter, esam._worker
+    segmenter, workers = esam.segmenter, list(esam._workers)
     received = esam.stats.snapshot("")["received"]
     assert change(managed.node, "deactivate")
     assert state(managed.node) == "inactive"
     assert esam.segmenter is None and segmenter.backend.model is None  # weights dropped
-    assert not worker.is_alive()
+    assert workers and not any(w.is_alive() for w in workers)
     wait_for(lambda: managed.node.count_subscribers("image") == 0, "the image subscription to go")
     quiet = image_msg(scene(), "rgb8", "while_inactive")
     for _ in range(10):
@@ -165,7 +165,7 @@ def test_deactivate_during_a_slow_frame_cancels_it_and_one_worker_serves_after(
     of the frame whose header it carries."""
     esam = managed.esam
     for _ in range(2):  # a copy resent by the tests before must not run under the big grid
-        wait_for(lambda: esam._busy is None and esam.cameras[""].slot is None,
+        wait_for(lambda: not esam._busy and esam.cameras[""].slot is None,
                  "the frames of the tests before to be done", timeout=60.0)
         time.sleep(0.5)
     (ok,) = set_params(managed, {"mmg.points_per_side": 48})
@@ -175,16 +175,19 @@ def test_deactivate_during_a_slow_frame_cancels_it_and_one_worker_serves_after(
     wait_for(lambda: managed.pubs[""].publish(slow) or esam.stats.snapshot("")["received"] > before,
              "the slow frame to arrive", timeout=60.0)
     wait_for(lambda: esam.cameras[""].slot is None, "the worker to take the slow frame")
-    worker = esam._worker
+    workers = list(esam._workers)
     t0 = time.monotonic()
     assert change(managed.node, "deactivate")
     elapsed = time.monotonic() - t0
-    assert not worker.is_alive() and esam.segmenter is None
+    assert not any(w.is_alive() for w in workers) and esam.segmenter is None
     assert elapsed < 15.0, f"deactivate waited {elapsed:.1f} s for the frame"
     (ok,) = set_params(managed, {"mmg.points_per_side": 4})
     assert ok.successful
     assert change(managed.node, "activate")
-    assert [t for t in threading.enumerate() if t.name == "esam_worker"] == [esam._worker]
+    workers = [t for t in threading.enumerate()
+               if t.name in ("esam_worker", "esam_encoder", "esam_post")]
+    assert set(workers) == set(esam._workers)  # the old ones are gone
+    assert [t.name for t in esam._workers] == ["esam_encoder", "esam_post"]
     for i, (h, w) in enumerate([(48, 64), (40, 56), (48, 64)]):
         sent = image_msg(scene(h, w), "rgb8", f"race_{i}_{h}x{w}")
         check_outputs(sent, *managed.send("", sent), (h, w))
@@ -207,14 +210,14 @@ def test_cleanup_configure_again_and_shutdown_with_frames_in_flight(managed: Har
     assert esam.get_parameter("output.min_area").value == 0  # kept across cleanup
     sent = image_msg(scene(), "rgb8", "reconfigured")
     check_outputs(sent, *managed.send("", sent), (48, 64))
-    worker = esam._worker
+    workers = list(esam._workers)
     stop = time.monotonic() + 1.0
     while time.monotonic() < stop:
         managed.pubs[""].publish(image_msg(scene(), "rgb8", "flight"))
         time.sleep(0.01)
     assert change(managed.node, "shutdown")
     assert state(managed.node) == "finalized"
-    assert not worker.is_alive() and esam.segmenter is None
+    assert not any(w.is_alive() for w in workers) and esam.segmenter is None
     managed.executor.remove_node(esam)  # the name is free for the subprocess tests below
     esam.destroy_node()
 

@@ -429,12 +429,13 @@ def test_shutdown_with_frames_in_flight(raw: Harness) -> None:
             raw.pubs[cam].publish(image_msg(scene(), "rgb8", f"flight_{i}"))
         i += 1
         time.sleep(0.01)
-    worker = raw.esam._worker
+    workers = list(raw.esam._workers)
     raw.executor.remove_node(raw.esam)
     raw.esam.destroy_node()
-    assert not worker.is_alive()
+    assert [w.name for w in workers] == ["esam_encoder", "esam_post"]
+    assert not any(w.is_alive() for w in workers)
     snap = raw.esam.stats.snapshot("cam_a")
-    assert snap["received"] >= snap["published"] + snap["dropped"]
+    assert snap["received"] >= snap["published"] + snap["dropped"] + snap["cancelled"]
 
 
 @pytest.fixture(scope="module")

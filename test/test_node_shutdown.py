@@ -88,8 +88,8 @@ class SlowNode:
             time.sleep(0.05)
         return text in self.output()
 
-    def start_a_frame(self, context: Any) -> None:
-        """Publish a frame on ``image`` until the segmenter says it started on one."""
+    def start_a_frame(self, context: Any, frames: int = 1) -> None:
+        """Publish a frame on ``image`` until the segmenter says it started on ``frames``."""
         import rclpy
         from sensor_msgs.msg import Image
 
@@ -103,16 +103,17 @@ class SlowNode:
             deadline = time.monotonic() + 90.0
             while time.monotonic() < deadline and self.proc.poll() is None:
                 pub.publish(msg)
-                if self.wait_for_line("SLOW: frame started", 0.5):
+                if self.wait_for_line("SLOW: frame started", 0.5) and self.output().count(
+                        "SLOW: frame started") >= frames:
                     return
             raise AssertionError(f"the node never started a frame:\n{self.output()}")
         finally:
             client.destroy_node()
 
-    def stop_cleanly(self, context: Any, sig: int, again: bool = False) -> str:
-        """Start a frame, send ``sig`` (and, once the node says it waits, ``sig`` again);
-        check the exit: code 0, no abort, within 15 s. Returns the output."""
-        self.start_a_frame(context)
+    def stop_cleanly(self, context: Any, sig: int, again: bool = False, frames: int = 1) -> str:
+        """Start ``frames`` frames, send ``sig`` (and, once the node says it waits, ``sig``
+        again); check the exit: code 0, no abort, within 15 s. Returns the output."""
+        self.start_a_frame(context, frames)
         t0 = time.monotonic()
         self.proc.send_signal(sig)
         if again:
@@ -142,6 +143,16 @@ def test_signal_cancels_the_frame_at_a_stage_boundary_and_exits_0(ros_context: A
     out = node.stop_cleanly(ros_context, signal.SIGINT)
     assert "waiting for the frame in flight (camera '/', frame_id 'slow_frame'" in out, out
     assert "frame 'slow_frame' cancelled" in out, out
+
+
+def test_signal_with_two_frames_in_flight_cancels_both_and_exits_0(ros_context: Any) -> None:
+    """pipeline_overlap (the default): one frame in post-processing (1 s decoder batches), the
+    next one encoded and waiting for it; both are cancelled, said and counted, exit 0."""
+    node = SlowNode(encoder_s=0.0, batch_s=1.0, shutdown_timeout_s=30.0)
+    out = node.stop_cleanly(ros_context, signal.SIGINT, frames=2)
+    assert "frame 'slow_frame' cancelled (stopping)" in out, out
+    assert "frame 'slow_frame' (encoded, waiting for post-processing) cancelled" in out, out
+    assert out.count("cancelled (stopping)") == 2, out
 
 
 def test_frame_that_cannot_stop_in_time_exits_0_after_shutdown_timeout(ros_context: Any) -> None:
