@@ -25,11 +25,18 @@ lint:
 test: lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
-# Benchmarks print numbers (never timed tests): AMG vs E-SAM on one backend, grid and image.
+# Benchmarks print numbers (never timed tests): AMG vs E-SAM on one backend, grid and image, the
+# realistic mask sets first (simulator, scene), then test_tiny SAM, then the node; the one-line
+# summaries of the three AMG/E-SAM runs are repeated at the end.
+BENCH = OMP_NUM_THREADS=2 $(VENV)/bin/esam bench
 bench:
-	OMP_NUM_THREADS=2 $(VENV)/bin/esam bench --config config/test_tiny.yaml --grids 16/32 --repeat 3
-	OMP_NUM_THREADS=2 $(VENV)/bin/esam bench --backend scene --config config/esam.yaml --grids 32/64 --repeat 1
+	mkdir -p out
+	$(BENCH) --backend simulator --grids 32/64 --repeat 3 | tee out/bench.txt
+	$(BENCH) --backend scene --grids 32/64 --repeat 3 | tee -a out/bench.txt
+	$(BENCH) --config config/test_tiny.yaml --grids 16/32 --repeat 3 | tee -a out/bench.txt
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench_node --config config/test_tiny.yaml
+	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench_node --stream
+	@grep '^summary' out/bench.txt
 
 # E-SAM vs AMG and SAM^O on simulated SAM masks (docs/fidelity.md; about an hour on 2 cores).
 # COCO=ann.json [IMAGES=dir] adds annotated photos to the generated scenes.

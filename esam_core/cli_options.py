@@ -54,11 +54,15 @@ def parse_set(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{exc}{hint}") from None
 
 
-def add_config_options(parser: argparse.ArgumentParser, config: str = "esam.yaml") -> None:
-    """Add ``--config``, ``--model`` and ``--set`` to a subcommand's parser."""
-    parser.add_argument("--config", type=Path, default=default_config(config),
+def add_config_options(parser: argparse.ArgumentParser, config: str | None = "esam.yaml"
+                       ) -> None:
+    """Add ``--config``, ``--model`` and ``--set`` to a subcommand's parser (``config=None``: the
+    subcommand picks the default file itself and its own help says which)."""
+    parser.add_argument("--config", type=Path, default=config and default_config(config),
                         help="E-SAM parameter file (a ROS 2 params file, read as the node "
-                             "/esam_node reads it)")
+                             "/esam_node reads it)" + ("" if config else
+                             "; default: config/test_tiny.yaml for --backend sam, "
+                             "config/esam.yaml for the fake backends"))
     parser.add_argument("--model", choices=PARAMETERS["model.type"].choices,
                         help="model.type; also sets model.checkpoint to that model's official "
                              "file name (searched in $ESAM_WEIGHTS_DIR, ./, ./weights) unless "

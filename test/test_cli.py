@@ -60,6 +60,7 @@ def test_bench_reports_ratio_and_stages(tmp_path, capsys):
     assert code == 0
     doc = json.loads(report.read_text())
     assert doc["backend"].startswith("sam test_tiny") and doc["grids"] == "4/8"
+    assert doc["config"].endswith("test_tiny.yaml")
     esam = doc["results"]["esam"]
     assert esam["counts"]["prompts_main"] == 16
     assert {"encoder", "decode_main", "mmg", "total"} <= set(esam["timings"])
@@ -75,6 +76,8 @@ def test_bench_on_the_simulator_interleaves_both_modes(tmp_path, capsys):
     assert code == 0
     doc = json.loads(report.read_text())
     assert doc["backend"].startswith("SAM-behaviour simulator") and doc["repeat"] == 2
+    # The simulator scores like SAM, so it runs the shipped defaults, not test_tiny's filters off.
+    assert doc["config"].endswith("esam.yaml")
     assert doc["results"]["esam"]["counts"]["gallery_prompts"] <= 256
     assert doc["results"]["amg"]["entities"] > 0 and doc["results"]["esam"]["entities"] > 0
 
