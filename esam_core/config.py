@@ -109,7 +109,7 @@ PARAMETERS: dict[str, Param] = {
     "emr.nested_frac": _f(0.9, 0.0, 1.0, "share of the smaller mask inside the larger: nested"),
     "emr.no_prompt_fallback": _c("carve_larger", ("carve_larger", "nearest_prompt"),
                                  "no gallery prompt inside the overlap"),
-    "emr.top_k": _i(3, 1, 64, "k of Top_k in Eq.7"),
+    "emr.top_k": _i(5, 1, 64, "k of Top_k in Eq.7"),
     "emr.sm_threshold": _f(0.5, 0.0, 64.0, "S_M threshold on the raw [0, k] scale"),
     "emr.require_adjacent": _b(True, "merge only masks that share a boundary"),
     "emr.gallery_match": _c("mutual", ("cover_each", "iou_union", "mutual"),

@@ -39,7 +39,7 @@ SWITCHES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("emr.pair_order", ("score_desc", "area_asc")),
     ("emr.overlap_assign", ("whole_to_best_iou", "split_by_guidance")),
     ("emr.no_prompt_fallback", ("carve_larger", "nearest_prompt")),
-    ("emr.top_k", (3, 5)),
+    ("emr.top_k", (5, 3)),
     ("emr.require_adjacent", (True, False)),
     ("emr.nested", ("keep_smaller", "guidance")),
     ("emr.sliver_width", (1.0, 0.0)),

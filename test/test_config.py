@@ -61,8 +61,8 @@ def test_bad_files(tmp_path):
 
 def test_updated_validates_and_copies():
     cfg = Config()
-    new = cfg.updated({"emr.top_k": 5}).replace(usr__rho=0.3)
-    assert (new["emr.top_k"], new["usr.rho"], cfg["emr.top_k"]) == (5, 0.3, 3)
+    new = cfg.updated({"emr.top_k": 4}).replace(usr__rho=0.3)
+    assert (new["emr.top_k"], new["usr.rho"], cfg["emr.top_k"]) == (4, 0.3, 5)
     assert new != cfg and Config() == cfg
     with pytest.raises(ConfigError):
         cfg.updated({"emr.top_k": 0})

@@ -129,7 +129,7 @@ class SyncCounter(TorchFunctionMode):
 
 class Nested(SceneBackend):
     """Half the prompts answer with a super-group as their object level, so object masks nest
-    and overlap as SAM's do (the reviewer's scene, docs in /tmp/review_scripts/syncs.py)."""
+    and overlap as SAM's do."""
 
     def decode_points(self, points_xy: np.ndarray):
         d = super().decode_points(points_xy)
