@@ -19,7 +19,7 @@ from esam_ros import __version__
 COMMANDS = {
     "segment": ("esam_ros.cmd_segment", "segment image files into entities"),
     "bench": ("esam_core.bench", "time AMG vs E-SAM on one image (a benchmark, not a test)"),
-    "download-weights": ("esam_core.weights", "download and verify a SAM checkpoint"),
+    "download-weights": ("esam_core.backends.weights", "download and verify a SAM checkpoint"),
     "replay": ("esam_ros.cmd_replay", "segment every image of a bag offline, write the results to "
                                   "a bag"),
     "eval": ("esam_ros.cmd_eval", "AP^e on a COCO-format dataset, or of a predictions file "

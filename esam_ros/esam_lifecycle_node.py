@@ -38,8 +38,8 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
+from esam_core.backends.checkpoints import CheckpointError
 from esam_core.config import ConfigError
-from esam_core.weights import CheckpointError
 from esam_ros.node_params import help_requested, usage_text, watch_parameters
 from esam_ros.node_runtime import EsamRuntime, StartupError, run
 from esam_ros.node_stats import memory_mb

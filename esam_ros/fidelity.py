@@ -150,8 +150,9 @@ def run_fidelity(cfg: Config, rows: list[Row], columns: tuple[str, ...], seeds: 
     AP50, AP75 (pycocotools, maxDets 100), ``entities`` and ``gt`` counts, ``lost`` (GT entities
     SAM^O finds with IoU ≥ 0.5 that this row does not) and ``seconds`` per image.
     """
+    from esam_core.backends.sim_failures import FailureRates
     from esam_core.backends.sim_scenes import generated_scene
-    from esam_core.backends.simulator import FailureRates, SamSimulator
+    from esam_core.backends.simulator import SamSimulator
     from esam_core.pipeline import EntitySegmenter
 
     base = FailureRates().scaled(rate_scale)

@@ -32,8 +32,8 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
+from esam_core.backends.checkpoints import CheckpointError
 from esam_core.config import PARAMETERS, Config, ConfigError
-from esam_core.weights import CheckpointError
 from esam_ros.msg import EntityArray
 from esam_ros.node_depth import CameraSpatial, qos_events, topic
 from esam_ros.node_params import (

@@ -223,9 +223,9 @@ def replay(bag: str | Path, out: str | Path, segmenter: Any, cfg: Config,
 def make_segmenter(cfg: Config, fallback_test_tiny: bool) -> tuple[Any, Config]:
     """``EntitySegmenter(cfg)``; if its checkpoint is missing and ``fallback_test_tiny``, a
     test_tiny one (random weights: meaningless output) with a loud warning instead."""
+    from esam_core.backends.checkpoints import CheckpointError, resolve_checkpoint
     from esam_core.cli_options import TEST_MODELS, TEST_TINY
     from esam_core.pipeline import EntitySegmenter
-    from esam_core.weights import CheckpointError, resolve_checkpoint
 
     if cfg["model.type"] not in TEST_MODELS:
         try:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from esam_core.backends.scene import Scene
 from esam_core.config import Config
-from esam_core.scene import Scene
 
 #: Size of the hand-made band scenes.
 H, W = 48, 64

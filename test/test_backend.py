@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from esam_core.backend import CheckpointError, SamBackend, build_sam_model, resolve_device
+from esam_core.backends.checkpoints import CHECKPOINTS
+from esam_core.backends.sam import CheckpointError, SamBackend, build_sam_model, resolve_device
 from esam_core.config import Config, ConfigError
-from esam_core.weights import CHECKPOINTS
 
 H, W = 48, 64
 POINTS = np.array([[5, 5], [30, 20], [60, 40], [10, 40], [32, 24], [63, 47]], dtype=np.float64)
@@ -189,7 +189,7 @@ def test_devices():
 
 
 def test_half_precision_falls_back_to_fp32_on_cpu(caplog):
-    with caplog.at_level(logging.WARNING, logger="esam_core.backend"):
+    with caplog.at_level(logging.WARNING, logger="esam_core.backends.sam"):
         b = SamBackend(tiny_cfg(**{"model.precision": "bf16"}))
     assert b.amp_dtype is None
     assert "needs CUDA" in caplog.text and "meaningless" in caplog.text
@@ -288,7 +288,7 @@ def test_checkpoint_of_other_input_size(tiny_checkpoint):
 
 def test_random_weights_need_no_checkpoint(caplog):
     cfg = Config({"model.type": "vit_b", "model.checkpoint": "/nonexistent.pth"})
-    with caplog.at_level(logging.WARNING, logger="esam_core.backend"):
+    with caplog.at_level(logging.WARNING, logger="esam_core.backends.sam"):
         model = build_sam_model(cfg, random_weights=True)
     assert model.image_encoder.pos_embed.shape == (1, 64, 64, 768)
     assert "timing only" in caplog.text

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import CONFIG_DIR, requires_ros
 
+from esam_core.backends.checkpoints import CHECKPOINTS
 from esam_core.config import PARAMETERS, load_config, read_parameter_file
-from esam_core.weights import CHECKPOINTS
 
 ESAM = CONFIG_DIR / "esam.yaml"
 TINY = CONFIG_DIR / "test_tiny.yaml"

@@ -12,10 +12,10 @@ import torch
 from helpers import H, W, band_scene, box, gallery_config
 
 from esam_core import emr
+from esam_core.backends.scene import SceneBackend, random_scene
 from esam_core.config import Config
 from esam_core.gallery import Gallery
 from esam_core.masks import cells_to_image, pairwise_intersection
-from esam_core.scene import SceneBackend, random_scene
 from esam_core.types import MaskSet
 
 

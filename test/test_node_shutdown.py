@@ -27,7 +27,7 @@ pytestmark = requires_ros
 SLOW_NODE = """
 import sys, time
 import torch
-from esam_core.backend import SamBackend
+from esam_core.backends.sam import SamBackend
 from esam_core.config import load_config
 from esam_core.pipeline import EntitySegmenter
 from esam_ros.esam_node import NODE_NAME, EsamNode

@@ -273,7 +273,7 @@ def test_bad_bags_are_one_clear_error(shared_data, tiny_yaml, tmp_path, capsys):
 
 
 def test_missing_checkpoint_fallback_is_loud(tiny_yaml, tmp_path, caplog):
-    from esam_core.weights import CheckpointError
+    from esam_core.backends.checkpoints import CheckpointError
 
     cfg = load_config(None, {"model.type": "vit_b", "model.checkpoint": str(tmp_path / "no.pth")})
     with pytest.raises(CheckpointError):

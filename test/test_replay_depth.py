@@ -43,7 +43,7 @@ BOX = (slice(10, 30), slice(8, 28))  # rows, cols of a box in front of the plane
 
 
 def box_scene():
-    from esam_core.scene import Scene
+    from esam_core.backends.scene import Scene
 
     leaves = np.zeros(COLOR_HW, np.int32)
     leaves[BOX] = 1
@@ -107,9 +107,9 @@ def rgbd_bag(path: Path, depth_hw=(24, 32), n_colour: int = 4, n_depth: int = 3)
 
 def test_rgbd_bag_gives_positions_and_stable_ids(tmp_path):
     """A real EntitySegmenter on the scene backend, so the entities are the box and the plane."""
+    from esam_core.backends.scene import SceneBackend
     from esam_core.config import Config
     from esam_core.pipeline import EntitySegmenter
-    from esam_core.scene import SceneBackend
 
     cfg = Config({"mmg.points_per_side": 8, "gallery.points_per_side": 16})
     seg = EntitySegmenter(cfg, SceneBackend(box_scene()))

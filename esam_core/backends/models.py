@@ -17,8 +17,8 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from esam_core.backends.checkpoints import check_state_dict, load_checkpoint, resolve_checkpoint
 from esam_core.config import Config, ConfigError
-from esam_core.weights import check_state_dict, load_checkpoint, resolve_checkpoint
 
 _LOG = logging.getLogger(__name__)
 

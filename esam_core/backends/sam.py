@@ -1,8 +1,8 @@
 """SAM backend: answer point prompts with a segment-anything model (built by ``models.py``).
 
-``SamBackend`` implements ``esam_core.types.PromptBackend`` on ``SamPredictor``. All sizes (input
-side, embedding grid, low-res mask grid) are read from the model, so the same code serves the
-official ViT-B/L/H (1024 px input, 64×64 embedding, 256×256 masks) and ``test_tiny``.
+``SamBackend`` implements ``esam_core.backends.protocol.PromptBackend`` on ``SamPredictor``. All
+sizes (input side, embedding grid, low-res mask grid) are read from the model, so the same code
+serves the official ViT-B/L/H (1024 px input, 64×64 embedding, 256×256 masks) and ``test_tiny``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from segment_anything.modeling import (
 )
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from esam_core.backends.checkpoints import CheckpointError
 from esam_core.backends.common import TorchBackend, check_rgb
+from esam_core.backends.models import build_sam_model, resolve_device
 from esam_core.config import Config
-from esam_core.models import build_sam_model, resolve_device
-from esam_core.weights import CheckpointError
 
 __all__ = ["CheckpointError", "SamBackend", "build_sam_model", "resolve_device"]
 

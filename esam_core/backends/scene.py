@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from esam_core.backends.protocol import Decoded
 from esam_core.masks import mask_areas
-from esam_core.types import Decoded
 
 #: Multimask output order: index of (subpart, part, whole) in the returned triple.
 _ORDER = (2, 0, 1)
