@@ -29,7 +29,7 @@ test: lint
 bench:
 	OMP_NUM_THREADS=2 $(VENV)/bin/esam bench --config config/test_tiny.yaml --grids 16/32 --repeat 3
 	OMP_NUM_THREADS=2 $(VENV)/bin/esam bench --backend scene --config config/esam.yaml --grids 32/64 --repeat 1
-	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench_node --config config/test_tiny.yaml
+	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench.node --config config/test_tiny.yaml
 
 # E-SAM vs AMG and SAM^O on simulated SAM masks (docs/fidelity.md; about an hour on 2 cores).
 # COCO=ann.json [IMAGES=dir] adds annotated photos to the generated scenes.
@@ -40,7 +40,7 @@ fidelity:
 
 # How many raw frames reach a subscription by QoS and size (one host; a few minutes).
 bench-qos:
-	$(VENV)/bin/python -m esam_ros.bench_qos
+	$(VENV)/bin/python -m esam_ros.bench.qos
 
 demo:
 	$(VENV)/bin/esam replay data/spot/raw_mcap --config config/esam.yaml --out out/demo_bag \

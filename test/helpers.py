@@ -47,7 +47,7 @@ def gallery_config(**kw) -> Config:
 
 def read_bag(path: Path) -> dict[str, list]:
     """topic -> [(timestamp, message)] of a whole bag (every message must decode)."""
-    from esam_ros.bag_io import BagReader
+    from esam_ros.bag.reader import BagReader
 
     out: dict[str, list] = {}
     with BagReader(path) as reader:

@@ -20,7 +20,7 @@ _KEY_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*):")
 
 def node_parameters() -> dict[str, Any]:
     pytest.importorskip("rclpy")
-    from esam_ros.node_params import NODE_PARAMETERS
+    from esam_ros.node.params import NODE_PARAMETERS
 
     return NODE_PARAMETERS
 
@@ -28,7 +28,7 @@ def node_parameters() -> dict[str, Any]:
 def node_schema() -> dict[str, Any]:
     """Every parameter as the node declares it (some E-SAM ones are read-only in the node)."""
     pytest.importorskip("rclpy")
-    from esam_ros.node_params import ALL_PARAMETERS
+    from esam_ros.node.params import ALL_PARAMETERS
 
     return ALL_PARAMETERS
 
@@ -111,7 +111,7 @@ def test_ros_accepts_the_file(ros_context: Any, path: Path) -> None:
     """rcl's own YAML parser and every descriptor (type, range) accept the file."""
     import rclpy
 
-    from esam_ros.node_params import declare_all
+    from esam_ros.node.params import declare_all
 
     node = rclpy.create_node("esam_node", context=ros_context,
                              cli_args=["--ros-args", "--params-file", str(path)])

@@ -11,7 +11,7 @@ import pytest
 from helpers import TINY_YAML
 from pycocotools import mask as mask_utils
 
-from esam_ros import evaluate as ev
+from esam_ros.eval import evaluate as ev
 
 #: COCOeval's recall thresholds (Params.recThrs) and IoU thresholds (Params.iouThrs).
 REC_THRS = np.linspace(0.0, 1.0, 101)
@@ -298,7 +298,7 @@ def test_predictions_file_ground_truth_fed_back_scores_100(voc, tmp_path, capsys
 def test_predictions_file_ids_rle_overlaps_and_bad_entries(tmp_path):
     """Image ids are the file's (here from 0); RLE and polygons; overlaps go to the higher score;
     unknown images and broken segmentations are skipped and listed."""
-    from esam_ros.cmd_eval import load_predictions
+    from esam_ros.cli.eval import load_predictions
 
     square = np.zeros((20, 30), bool)
     square[2:12, 3:13] = True

@@ -180,7 +180,7 @@ def _context_and_node(overrides: dict[str, Any]) -> tuple[Any, Any]:
     from rclpy.context import Context
     from rclpy.parameter import Parameter
 
-    from esam_ros.esam_node import EsamNode
+    from esam_ros.node.esam_node import EsamNode
 
     context = Context()
     rclpy.init(context=context, args=["--ros-args", "--params-file", TINY])
@@ -394,7 +394,7 @@ def test_incompatible_qos_is_reported(ros_context: Any) -> None:
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
-    from esam_ros.esam_node import EsamNode
+    from esam_ros.node.esam_node import EsamNode
 
     class NoModel:  # the event is pure DDS; no frame is ever processed here
         device = "cpu"
@@ -476,7 +476,7 @@ def test_compressed_jpeg_png_and_bad_data(compressed: Harness) -> None:
 
 def _run_node(args: list[str], cwd: Path = REPO, env: dict[str, str] | None = None,
               timeout: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "esam_ros.esam_node", "--ros-args", *args],
+    return subprocess.run([sys.executable, "-m", "esam_ros.node.esam_node", "--ros-args", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from conftest import requires_ros
 
-from esam_ros.node_input import InputMonitor
+from esam_ros.node.inputs import InputMonitor
 
 HINT = "try reliable"
 
@@ -57,7 +57,7 @@ def test_middleware_loss_reports_warn_once() -> None:
 
 @requires_ros
 def test_qos_events_route_message_lost_to_the_counter() -> None:
-    from esam_ros.node_depth import qos_events
+    from esam_ros.node.depth import qos_events
 
     counted: list[int] = []
     callbacks = qos_events(None, SimpleNamespace(qos_warned=False), "image", counted.append)
@@ -85,7 +85,7 @@ def _node_and_harness(context: Any, overrides: dict[str, Any]) -> tuple[Any, Any
     from rclpy.parameter import Parameter
     from test_node import Harness
 
-    from esam_ros.esam_node import EsamNode
+    from esam_ros.node.esam_node import EsamNode
 
     params = {"diagnostics_period": 0.2, **overrides}
     node = EsamNode(segmenter=Instant(), context=context,

@@ -133,7 +133,7 @@ def serving(cameras: list[str], segmenter: Any = None, **params: Any) -> Iterato
     from rclpy.context import Context
     from rclpy.parameter import Parameter
 
-    from esam_ros.esam_node import EsamNode
+    from esam_ros.node.esam_node import EsamNode
 
     context = Context()
     rclpy.init(context=context, args=["--ros-args", "--params-file", TINY])
@@ -269,7 +269,7 @@ class GatedLifecycle:
     def make(context: Any) -> Any:
         from rclpy.parameter import Parameter
 
-        from esam_ros.esam_lifecycle_node import EsamLifecycleNode
+        from esam_ros.node.esam_lifecycle_node import EsamLifecycleNode
 
         class Node(EsamLifecycleNode):
             segmenters: list[Gated] = []

@@ -149,7 +149,7 @@ def test_diagnostics_run_with_sim_time_and_no_clock(ros_context: Any) -> None:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from esam_ros.esam_node import EsamNode
+    from esam_ros.node.esam_node import EsamNode
 
     class NoModel:  # no frame is processed: only the timer matters
         device = "cpu"

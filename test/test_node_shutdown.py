@@ -30,8 +30,8 @@ import torch
 from esam_core.backends.sam import SamBackend
 from esam_core.config import load_config
 from esam_core.pipeline import EntitySegmenter
-from esam_ros.esam_node import NODE_NAME, EsamNode
-from esam_ros.node_runtime import run
+from esam_ros.node.esam_node import NODE_NAME, EsamNode
+from esam_ros.node.runtime import run
 
 ENCODER_S, BATCH_S = float(sys.argv[1]), float(sys.argv[2])
 

@@ -15,10 +15,10 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from esam_core.config import load_config
-from esam_ros import replay as rp
-from esam_ros.bag_io import BagError, BagReader, output_topics
+from esam_ros.bag import replay as rp
+from esam_ros.bag.reader import BagError, BagReader, output_topics
+from esam_ros.bag.report import best_match_iou
 from esam_ros.cli import main
-from esam_ros.replay_report import best_match_iou
 
 SPOT = ("raw_mcap", "raw_sqlite3", "compressed_mcap", "compressed_sqlite3")
 STORE = get_typestore(Stores.ROS2_JAZZY)

@@ -16,8 +16,8 @@ from rosbags.typesys import Stores, get_typestore
 
 from esam_core.cli_options import TEST_TINY
 from esam_core.config import load_config
-from esam_ros import replay as rp
-from esam_ros.bag_io import BagError, BagReader, output_topics
+from esam_ros.bag import replay as rp
+from esam_ros.bag.reader import BagError, BagReader, output_topics
 from esam_ros.cli import main
 
 STORE = get_typestore(Stores.ROS2_JAZZY)
@@ -238,7 +238,7 @@ def test_depth_messages_decode():
     from types import SimpleNamespace as NS
 
     from esam_core.depth import DepthError
-    from esam_ros.depth_conversions import depth_from_message
+    from esam_ros.images.depth import depth_from_message
 
     mm = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 250) + 100
     padded = np.zeros((3, 2 * 4 + 4), np.uint8)  # 4 bytes of row padding, big-endian pixels
@@ -274,8 +274,8 @@ def test_depth_messages_decode():
 def test_depth_pairing_waits_for_later_depth_and_is_bounded():
     from types import SimpleNamespace as NS
 
-    from esam_ros.bag_io import BagMessage
-    from esam_ros.replay_depth import DepthPairing
+    from esam_ros.bag.depth import DepthPairing
+    from esam_ros.bag.reader import BagMessage
 
     def msg(topic: str, stamp_ms: int) -> BagMessage:
         return BagMessage(topic, "sensor_msgs/msg/Image", 0, stamp_ms,
@@ -304,7 +304,7 @@ def test_depth_pairing_waits_for_later_depth_and_is_bounded():
 
 
 def test_id_switch_proxy():
-    from esam_ros.replay_report import successor_switches
+    from esam_ros.bag.report import successor_switches
 
     prev = np.zeros((10, 10), np.uint16)
     prev[:5, :5], prev[5:, 5:], prev[:3, 7:] = 1, 2, 3
@@ -320,8 +320,8 @@ def test_id_switch_proxy():
 
 
 def test_camera_info_nearest_stamp():
-    from esam_ros.bag_io import BagMessage
-    from esam_ros.replay_depth import CameraInfos
+    from esam_ros.bag.depth import CameraInfos
+    from esam_ros.bag.reader import BagMessage
 
     msgs = [BagMessage("i", "sensor_msgs/msg/CameraInfo", 0, n,
                        _camera_info(t * 10**6, w, 10, fx)) for n, (t, w, fx) in
