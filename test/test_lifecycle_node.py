@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import CONFIG_DIR, REPO, requires_ros
+from node_harness import Harness, check_outputs, image_msg, labels_of, scene, set_params
 from test_launch import Node as NodeProcess
 from test_launch import _exchange, launch_module
-from test_node import Harness, check_outputs, image_msg, labels_of, scene, set_params
 
 pytestmark = requires_ros
 TINY = str(CONFIG_DIR / "test_tiny.yaml")

@@ -82,8 +82,8 @@ class Instant:
 
 
 def _node_and_harness(context: Any, overrides: dict[str, Any]) -> tuple[Any, Any, list]:
+    from node_harness import Harness
     from rclpy.parameter import Parameter
-    from test_node import Harness
 
     from esam_ros.node.esam_node import EsamNode
 
@@ -133,7 +133,7 @@ def test_publisher_without_frames_warns(ros_context: Any) -> None:
 @requires_ros
 def test_frames_missing_from_the_stamp_sequence_warn(ros_context: Any) -> None:
     """10 frames arrive whose stamps (10 Hz) say 42 were sent: input_loss."""
-    from test_node import image_msg, scene
+    from node_harness import image_msg, scene
 
     node, harness, _ = _node_and_harness(ros_context, {"input_timeout_s": 60.0,
                                                        "qos.reliability": "reliable"})

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import requires_ros
-from test_node import (
+from node_harness import (
     TINY,
     Harness,
     Held,
