@@ -16,18 +16,9 @@ import cv2
 import numpy as np
 import pytest
 from conftest import requires_ros
-from node_harness import (
-    TINY,
-    Harness,
-    Held,
-    _run_node,
-    check_outputs,
-    compressed_msg,
-    image_msg,
-    scene,
-    serve,
-    set_params,
-)
+from node_harness import TINY, Harness, check_outputs, image_msg, scene, serve, set_params
+from test_node import Held, compressed_msg
+from test_node_startup import _run_node
 
 pytestmark = requires_ros
 
