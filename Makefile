@@ -34,8 +34,8 @@ bench:
 	$(BENCH) --backend simulator --grids 32/64 --repeat 3 | tee out/bench.txt
 	$(BENCH) --backend scene --grids 32/64 --repeat 3 | tee -a out/bench.txt
 	$(BENCH) --config config/test_tiny.yaml --grids 16/32 --repeat 3 | tee -a out/bench.txt
-	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench_node --config config/test_tiny.yaml
-	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench_node --stream
+	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench.node --config config/test_tiny.yaml
+	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench.node --stream
 	@grep '^summary' out/bench.txt
 
 # E-SAM vs AMG and SAM^O on simulated SAM masks (docs/fidelity.md; about an hour on 2 cores).
@@ -47,7 +47,7 @@ fidelity:
 
 # How many raw frames reach a subscription by QoS and size (one host; a few minutes).
 bench-qos:
-	$(VENV)/bin/python -m esam_ros.bench_qos
+	$(VENV)/bin/python -m esam_ros.bench.qos
 
 demo:
 	$(VENV)/bin/esam replay data/spot/raw_mcap --config config/esam.yaml --out out/demo_bag \

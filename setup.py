@@ -25,8 +25,8 @@ setup(
     entry_points={
         "console_scripts": [
             "esam = esam_ros.cli:main",
-            "esam_node = esam_ros.esam_node:main",
-            "esam_lifecycle_node = esam_ros.esam_lifecycle_node:main",
+            "esam_node = esam_ros.node.esam_node:main",
+            "esam_lifecycle_node = esam_ros.node.esam_lifecycle_node:main",
         ]
     },
 )

@@ -1,7 +1,8 @@
 """esam_core: E-SAM (training-free Segment Every Entity Model) on Segment Anything. No ROS here."""
 
+from esam_core.backends.protocol import Decoded, PromptBackend
 from esam_core.config import Config, ConfigError, load_config
-from esam_core.types import Decoded, Entity, EntitySegmentation, PromptBackend
+from esam_core.types import Entity, EntitySegmentation
 
 __all__ = [
     "Config",

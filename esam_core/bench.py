@@ -70,7 +70,7 @@ def _image_and_scene(args: argparse.Namespace):
 
         scene = generated_scene(0, h, w)
         return scene.image, scene
-    from esam_core.scene import random_scene
+    from esam_core.backends.scene import random_scene
 
     scene = random_scene(h, w, n_objects=60, seed=0)
     return scene.render(), scene
@@ -82,11 +82,12 @@ def _backend(args: argparse.Namespace, cfg: Config, scene):
             raise ValueError(f"--backend {args.backend} needs the synthetic image (no --image)")
         h, w = scene.leaves.shape
         if args.backend == "simulator":
-            from esam_core.backends.simulator import FailureRates, SamSimulator
+            from esam_core.backends.sim_failures import FailureRates
+            from esam_core.backends.simulator import SamSimulator
 
             return (SamSimulator(scene, FailureRates(), lowres_long_side=256),
                     "SAM-behaviour simulator (fake backend, default failure rates)")
-        from esam_core.scene import SceneBackend
+        from esam_core.backends.scene import SceneBackend
 
         # Same working grid as real SAM: low-res masks have a 256-cell long side at 1024 px.
         return SceneBackend(scene, lowres_scale=256 / max(h, w)), "scene (fake backend)"

@@ -17,6 +17,7 @@ import torch
 from segment_anything.utils.amg import build_point_grid
 
 from esam_core import mmg
+from esam_core.backends.protocol import PromptBackend
 from esam_core.config import Config
 from esam_core.masks import (
     greedy_nms,
@@ -26,7 +27,7 @@ from esam_core.masks import (
     pairwise_iou,
     to_cells,
 )
-from esam_core.types import PromptBackend, pick
+from esam_core.types import pick
 
 #: Index of the object-level and best-level mask in the per-prompt storage.
 OBJECT, BEST = 0, 1

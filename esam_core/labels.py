@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from esam_core.types import Entities, Entity, PromptBackend
+from esam_core.backends.protocol import PromptBackend
+from esam_core.types import Entities, Entity
 
 #: Logit given to cells another entity owns, so painting never crosses into them.
 _FORBIDDEN = -30.0

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from segment_anything.utils.amg import build_point_grid
 
+from esam_core.backends.protocol import Decoded
 from esam_core.config import Config
 from esam_core.masks import float_masks, mask_areas, mask_nms, pairwise_intersection, pairwise_iou
-from esam_core.types import Decoded, MaskSet
+from esam_core.types import MaskSet
 
 LEVELS = ("object", "part", "subpart")
 

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from esam_core import emr, mmg, usr
+from esam_core.backends.protocol import PromptBackend
 from esam_core.config import PARAMETERS, Config, ConfigError
 from esam_core.gallery import Gallery
 from esam_core.labels import build_label_map, entity_scores, paint_entities, paint_masks
 from esam_core.masks import to_cells
 from esam_core.stages import Cancelled, CountingBackend, Prepared, Stages
 from esam_core.superpixels import density_map, felzenszwalb_labels, superpixels_from_labels
-from esam_core.types import Entities, EntitySegmentation, MaskSet, PromptBackend
+from esam_core.types import Entities, EntitySegmentation, MaskSet
 
 __all__ = ["Cancelled", "EntitySegmenter", "Prepared", "as_rgb"]
 

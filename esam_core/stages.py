@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from esam_core.backends.protocol import Decoded, PromptBackend
 from esam_core.config import Config
-from esam_core.types import Decoded, PromptBackend
 
 
 class Cancelled(Exception):

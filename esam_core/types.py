@@ -1,41 +1,14 @@
-"""Data types shared by the E-SAM modules: backend outputs and the segmentation result."""
+"""Data types shared by the E-SAM modules: mask sets, entities and the segmentation result (the
+backend protocol and its ``Decoded`` answer are in ``esam_core.backends.protocol``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
 
-
-@dataclass
-class Decoded:
-    """SAM's multimask answer to N point prompts, at the backend's low resolution.
-
-    Attributes:
-        points: (N, 2) float64, the prompts as (x, y) in original-image pixels.
-        logits: (N, 3, h, w) float32 on the backend device; the 3 multimask outputs, cropped to the
-            valid (unpadded) low-resolution region ``backend.lowres_hw``. Mask = logits > 0.
-        iou: (N, 3) float32, SAM's predicted IoU per output.
-        stability: (N, 3) float32, SAM's stability score per output.
-    """
-
-    points: np.ndarray
-    logits: torch.Tensor
-    iou: torch.Tensor
-    stability: torch.Tensor
-    _foreground: torch.Tensor | None = field(default=None, init=False, repr=False)
-
-    def __len__(self) -> int:
-        return int(self.points.shape[0])
-
-    @property
-    def foreground(self) -> torch.Tensor:
-        """(N, 3, h, w) bool ``logits > 0``, computed once."""
-        if self._foreground is None:
-            self._foreground = self.logits > 0
-        return self._foreground
+from esam_core.backends.protocol import Decoded
 
 
 def pick(batch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -147,35 +120,6 @@ class Entities:
 
     def __len__(self) -> int:
         return int(self.own.shape[0])
-
-
-class PromptBackend(Protocol):
-    """What the E-SAM algorithm needs from a promptable segmenter (SAM, or a test scene).
-
-    Call ``set_image`` once per frame; every other call refers to that image.
-    """
-
-    device: torch.device
-
-    def set_image(self, rgb: np.ndarray) -> None:
-        """Encode an (H, W, 3) uint8 RGB image (the only expensive call per frame)."""
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        """(H, W) of the image given to ``set_image``."""
-
-    @property
-    def lowres_hw(self) -> tuple[int, int]:
-        """(h, w) of the valid low-resolution mask region, the algorithm's working grid."""
-
-    def decode_points(self, points_xy: np.ndarray) -> Decoded:
-        """Decode N single positive point prompts ((N, 2) float, image pixels) in batches."""
-
-    def sample_features(self, points_xy: np.ndarray) -> torch.Tensor:
-        """(K, C) float32 image-encoder features at K image-pixel positions, L2-normalised."""
-
-    def upsample_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """(M, h, w) low-res logits -> (M, H, W) float32 logits at the original image size."""
 
 
 @dataclass

@@ -20,11 +20,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from esam_core.backends.protocol import PromptBackend
 from esam_core.config import Config
 from esam_core.masks import cells_to_image, interior_point, mask_areas
 from esam_core.mmg import sort_levels
 from esam_core.superpixels import Superpixels
-from esam_core.types import Entities, MaskSet, PromptBackend
+from esam_core.types import Entities, MaskSet
 
 #: Holder masks per chunk in ``region_containment`` (bounds a (h*w, chunk) float copy).
 _CHUNK = 256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -54,3 +55,9 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"sample data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def voc(shared_data: Path) -> dict:
+    """The sample's VOC annotations in COCO format (test_evaluate, test_eval_cli)."""
+    return json.loads((shared_data / "images/voc_labelme/annotations.json").read_text())

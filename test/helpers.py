@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from esam_core.backends.scene import Scene
 from esam_core.config import Config
-from esam_core.scene import Scene
 
 #: Size of the hand-made band scenes.
 H, W = 48, 64
@@ -47,7 +47,7 @@ def gallery_config(**kw) -> Config:
 
 def read_bag(path: Path) -> dict[str, list]:
     """topic -> [(timestamp, message)] of a whole bag (every message must decode)."""
-    from esam_ros.bag_io import BagReader
+    from esam_ros.bag.reader import BagReader
 
     out: dict[str, list] = {}
     with BagReader(path) as reader:

@@ -1,4 +1,4 @@
-"""`make bench`'s DDS part (python -m esam_ros.bench_node) runs isolated and exits cleanly."""
+"""`make bench`'s DDS part (python -m esam_ros.bench.node) runs isolated and exits cleanly."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_bench_node_is_isolated_and_exits_cleanly() -> None:
     a private namespace, exit 0 and no C++ abort at exit."""
     env = {**os.environ, "ROS_DOMAIN_ID": "7"}
     env.pop("ROS_AUTOMATIC_DISCOVERY_RANGE", None)  # as on a robot: the caller's settings
-    proc = subprocess.run([sys.executable, "-m", "esam_ros.bench_node", "--frames", "2",
+    proc = subprocess.run([sys.executable, "-m", "esam_ros.bench.node", "--frames", "2",
                            "--repeat", "1", "--width", "160", "--height", "120",
                            "--entities", "8"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -33,7 +33,7 @@ def test_bench_node_is_isolated_and_exits_cleanly() -> None:
 def test_bench_node_stream_runs_overlap_off_and_on() -> None:
     """``--stream`` (a short run with the timed fake segmenter): both settings run through a real
     node over DDS, the table has a row for each, and the process exits cleanly."""
-    proc = subprocess.run([sys.executable, "-m", "esam_ros.bench_node", "--stream", "--runs", "1",
+    proc = subprocess.run([sys.executable, "-m", "esam_ros.bench.node", "--stream", "--runs", "1",
                            "--seconds", "2", "--cameras", "2", "--width", "64", "--height", "48",
                            "--fake-encoder", "20:sleep", "--fake-post", "30:burn"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)

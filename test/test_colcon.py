@@ -58,18 +58,22 @@ def test_install_layout(install_space: Path):
 def test_messages_and_node_import_from_install_space(install_space: Path):
     site = install_space / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \
         "site-packages"
+    # The subpackages too: install(DIRECTORY) must copy esam_ros/node/, bag/, ... with the rest.
     code = ("import esam_ros, esam_ros.msg, esam_core.config, esam_ros.cli;"
+            "import esam_ros.node.esam_node, esam_ros.bag.replay, esam_core.backends.sam;"
             "from esam_ros.msg import Entity, EntityArray;"
             "from esam_core.param_files import installed_config;"
             "m = EntityArray(entities=[Entity(id=7)]);"
-            "print(esam_ros.msg.__file__, m.entities[0].id, installed_config())")
+            "print(esam_ros.msg.__file__, m.entities[0].id, installed_config(),"
+            " esam_ros.node.esam_node.__file__, esam_ros.bag.replay.__file__)")
     env = dict(os.environ, PYTHONPATH=str(site), AMENT_PREFIX_PATH=str(install_space),
                LD_LIBRARY_PATH=f"{install_space / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
     # Run from the install space so the repository's own esam_ros is not on sys.path.
     proc = subprocess.run([sys.executable, "-c", code], cwd=install_space, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    path, value, config = proc.stdout.split()
+    path, value, config, *subpackages = proc.stdout.split()
     assert path.startswith(str(site)) and value == "7"
+    assert subpackages and all(p.startswith(str(site)) for p in subpackages), subpackages
     # The CLI's default config is the installed share/esam_ros/config/esam.yaml (any cwd).
     assert config == str(install_space / "share" / "esam_ros" / "config" / "esam.yaml")

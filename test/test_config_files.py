@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import CONFIG_DIR, requires_ros
 
+from esam_core.backends.checkpoints import CHECKPOINTS
 from esam_core.config import PARAMETERS, load_config, read_parameter_file
-from esam_core.weights import CHECKPOINTS
 
 ESAM = CONFIG_DIR / "esam.yaml"
 TINY = CONFIG_DIR / "test_tiny.yaml"
@@ -20,7 +20,7 @@ _KEY_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*):")
 
 def node_parameters() -> dict[str, Any]:
     pytest.importorskip("rclpy")
-    from esam_ros.node_params import NODE_PARAMETERS
+    from esam_ros.node.params import NODE_PARAMETERS
 
     return NODE_PARAMETERS
 
@@ -28,7 +28,7 @@ def node_parameters() -> dict[str, Any]:
 def node_schema() -> dict[str, Any]:
     """Every parameter as the node declares it (some E-SAM ones are read-only in the node)."""
     pytest.importorskip("rclpy")
-    from esam_ros.node_params import ALL_PARAMETERS
+    from esam_ros.node.params import ALL_PARAMETERS
 
     return ALL_PARAMETERS
 
@@ -111,7 +111,7 @@ def test_ros_accepts_the_file(ros_context: Any, path: Path) -> None:
     """rcl's own YAML parser and every descriptor (type, range) accept the file."""
     import rclpy
 
-    from esam_ros.node_params import declare_all
+    from esam_ros.node.params import declare_all
 
     node = rclpy.create_node("esam_node", context=ros_context,
                              cli_args=["--ros-args", "--params-file", str(path)])

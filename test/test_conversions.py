@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 from conftest import requires_ros
 
-from esam_ros.conversions import (
+from esam_ros.images.colour import (
     SUPPORTED_ENCODINGS,
     ImageError,
     compressed_to_rgb,
     fit_max_pixels,
     image_to_rgb,
-    label_image_fields,
     parse_format,
-    rgb_image_fields,
 )
-from esam_ros.overlay import overlay_image
+from esam_ros.images.overlay import overlay_image
+from esam_ros.messages import label_image_fields, rgb_image_fields
 
 RNG = np.random.default_rng(7)
 RGB = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)

@@ -12,10 +12,9 @@ import torch
 from helpers import H, W, band_scene, box, gallery_config
 
 from esam_core import emr
-from esam_core.config import Config
+from esam_core.backends.scene import SceneBackend, random_scene
 from esam_core.gallery import Gallery
 from esam_core.masks import cells_to_image, pairwise_intersection
-from esam_core.scene import SceneBackend, random_scene
 from esam_core.types import MaskSet
 
 
@@ -233,101 +232,3 @@ def test_lazy_and_eager_gallery_give_identical_split_and_merge():
         assert torch.equal(a.iou, b.iou) and torch.equal(a.stability, b.stability)
     assert len(m_lazy) < len(s_lazy)  # the merge step did merge something
     assert 0 < n_lazy < n_eager == 64
-
-
-def reference_split(objects: MaskSet, gallery: Gallery, cfg: Config) -> torch.Tensor:
-    """Eq.5–6 as the spec reads, recounting every area from the masks: (M, h, w) carved masks."""
-    cur = objects.masks.clone()
-    key = (-objects.iou if cfg["emr.pair_order"] == "score_desc"
-           else cur.flatten(1).sum(1).float())
-    order = torch.sort(key, stable=True).indices.tolist()
-    for a in range(len(order)):
-        for b in range(a + 1, len(order)):
-            p, q = order[a], order[b]
-            if not bool((objects.masks[p] & objects.masks[q]).any()):
-                continue
-            overlap = cur[p] & cur[q]
-            n, ap, aq = int(overlap.sum()), int(cur[p].sum()), int(cur[q].sum())
-            if n == 0:
-                continue
-            minor = n / max(ap, aq) < cfg["emr.delta"] or (
-                cfg["emr.nested"] == "keep_smaller" and n >= cfg["emr.nested_frac"] * min(ap, aq))
-            guide = None if minor else gallery.guidance_mask(overlap)
-            if guide is None and (minor or cfg["emr.no_prompt_fallback"] == "carve_larger"):
-                larger = p if ap > aq else q
-                cur[larger] &= ~overlap
-                continue
-            if guide is None:
-                guide = gallery.guidance_for_prompts(np.array([gallery.nearest_prompt(overlap)]))
-            g = guide[0]
-            iou = [int((cur[i] & g).sum()) / max(1, int((cur[i] | g).sum())) for i in (p, q)]
-            better, other = (p, q) if iou[0] >= iou[1] else (q, p)
-            gives = overlap if cfg["emr.overlap_assign"] == "whole_to_best_iou" else overlap & g
-            cur[other] &= ~gives
-            cur[better] &= ~(overlap & ~gives)
-    return cur
-
-
-@pytest.mark.parametrize("assign", ["whole_to_best_iou", "split_by_guidance"])
-@pytest.mark.parametrize("order,fallback,nested", [("score_desc", "carve_larger", "keep_smaller"),
-                                                   ("area_asc", "nearest_prompt", "guidance")])
-def test_split_equals_the_recounting_reference(assign: str, order: str, fallback: str,
-                                               nested: str):
-    # split_overlaps keeps areas on the host and counts IoUs from cell counts: same carving.
-    scene = random_scene(H, W, n_objects=10, seed=3)
-    rng = np.random.default_rng(11)
-    masks = []
-    for _ in range(14):
-        r0, c0 = int(rng.integers(0, H - 8)), int(rng.integers(0, W - 8))
-        masks.append(box(c0, c0 + int(rng.integers(6, 34)), r0, r0 + int(rng.integers(6, 30))))
-    objects = mask_set(masks, rng.choice([0.85, 0.9, 0.95], 14).tolist())
-    cfg = gallery_config(emr__overlap_assign=assign, emr__pair_order=order, emr__delta=0.08,
-                         emr__no_prompt_fallback=fallback, emr__nested=nested,
-                         emr__sliver_width=0.0)
-    gallery = Gallery(SceneBackend(scene), cfg)
-    want = reference_split(objects, gallery, cfg)
-    ents = emr.split_overlaps(objects, gallery, cfg)
-    assert torch.equal(ents.own, want[want.flatten(1).any(1)])
-    assert not torch.equal(want, objects.masks)  # something was carved
-
-
-def test_similarity_chunks_equal_dense(monkeypatch):
-    import esam_core.emr.merge as emr_module
-
-    rng = np.random.default_rng(0)
-    k_all, n = 300, 5
-    labels = torch.as_tensor(rng.integers(0, n, (20, 30)))
-    own = torch.stack([labels == i for i in range(n)])
-    cells = (rng.integers(0, 20, k_all), rng.integers(0, 30, k_all))
-    feats = torch.as_tensor(rng.normal(size=(k_all, 8)), dtype=torch.float32)
-    dense = emr_module.similarity_matrix(own, cells, feats, 3)
-    monkeypatch.setattr(emr_module, "_TOPK_ROWS", 7)
-    assert torch.equal(emr_module.similarity_matrix(own, cells, feats, 3), dense)
-
-
-@pytest.mark.parametrize("share", [0.34, 0.5, 1.0])
-def test_mutual_votes_decided_early_equal_votes_over_every_prompt(share: float):
-    # Pieces of a random scene; the early-stopping vote must give the all-prompts answer while
-    # decoding fewer prompts.
-    scene = random_scene(H, W, n_objects=8, seed=6)
-    cfg = gallery_config(emr__mutual_share=share)
-    leaves = [int(n) for n in np.unique(scene.leaves)]  # parts of objects: some are one entity
-    ents = emr.entities_by_score(mask_set([torch.from_numpy(scene.leaves == n) for n in leaves],
-                                          [0.9] * len(leaves)))
-    pairs = np.argwhere(np.triu(emr.adjacency(ents.own).numpy(), 1))
-    lazy = Gallery(SceneBackend(scene), cfg, lazy=True)
-    got = emr.mutual_covers(ents.own, pairs, lazy, cfg)
-    full = Gallery(SceneBackend(scene), cfg, lazy=False)
-    for (i, j), g in zip(pairs, got):
-        votes = []
-        for k in (i, j):
-            idx = full.prompts_in(ents.own[k])
-            if idx.size == 0:
-                idx = np.array([full.nearest_prompt(ents.own[k])])
-            masks, _ = full.masks(idx)
-            o = masks[:, 0]  # object level
-            share_of = [(o & ents.own[t]).flatten(1).sum(1) / ents.own[t].sum() for t in (i, j)]
-            yes = int(((share_of[0] >= 0.5) & (share_of[1] >= 0.5)).sum())
-            votes.append(yes >= max(1, int(np.ceil(share * idx.size - 1e-9))))
-        assert (g is not None) == all(votes), (i, j)
-    assert sum(g is not None for g in got) > 0 and lazy.decoded_prompts < len(lazy)

@@ -12,11 +12,11 @@ import torch
 from helpers import H, W, band_scene, box, gallery_config
 
 from esam_core import emr
+from esam_core.backends.scene import Scene, SceneBackend
 from esam_core.config import Config
 from esam_core.gallery import Gallery
 from esam_core.masks import dilate
 from esam_core.pipeline import EntitySegmenter
-from esam_core.scene import Scene, SceneBackend
 from esam_core.superpixels import superpixels_from_labels
 from esam_core.types import Entities, MaskSet
 from esam_core.usr import refine_under_segmentation

@@ -10,8 +10,8 @@ import pytest
 from esam_core.backends.sim_scenes import scene_from_instances
 from esam_core.config import Config
 from esam_ros.cli import main
-from esam_ros.evaluate import coco_ap, predictions_from_label_map
-from esam_ros.fidelity import best_iou, build_rows, ground_truth, targets
+from esam_ros.eval.evaluate import coco_ap, predictions_from_label_map
+from esam_ros.eval.fidelity import best_iou, build_rows, ground_truth, targets
 
 FAST = ["--set", "mmg.points_per_side=8", "--set", "gallery.points_per_side=16",
         "--lowres", "64", "--generated", "1"]

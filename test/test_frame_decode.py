@@ -1,4 +1,4 @@
-"""Which frames are taken and how they are decoded (esam_ros.frame_decode, conversions): strict
+"""Which frames are taken and how they are decoded (esam_ros.node.frame_decode, conversions): strict
 JPEG decoding, 16-bit colour, the cheap checks of the subscription callback, and decodes bounded
 by max_image_pixels, checked by the peak memory of a subprocess."""
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from test_node_refusals import huge_png, jpeg_bytes
 
-from esam_ros.conversions import ImageError, compressed_to_rgb, fit_max_pixels, image_to_rgb
-from esam_ros.frame_decode import check_frame, decode_frame
+from esam_ros.images.colour import ImageError, compressed_to_rgb, fit_max_pixels, image_to_rgb
+from esam_ros.node.frame_decode import check_frame, decode_frame
 
 
 def header(nanosec: int = 0) -> SimpleNamespace:
@@ -98,8 +98,8 @@ PEAK = """
 import json, resource, sys
 import numpy as np
 from types import SimpleNamespace
-from esam_ros.conversions import ImageError
-from esam_ros.frame_decode import decode_frame
+from esam_ros.images.colour import ImageError
+from esam_ros.node.frame_decode import decode_frame
 
 kind, path, limit, policy = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 hdr = SimpleNamespace(stamp=SimpleNamespace(sec=1, nanosec=0), frame_id="f")

@@ -11,11 +11,11 @@ import pytest
 import torch
 from helpers import H, W, band_scene, box, gallery_config
 
+from esam_core.backends.scene import Scene, SceneBackend, random_scene
 from esam_core.config import Config
 from esam_core.emr import covering_mask, covering_masks, mutual_covers
 from esam_core.gallery import Gallery
 from esam_core.masks import greedy_nms, mask_nms, pairwise_intersection, pairwise_iou
-from esam_core.scene import Scene, SceneBackend, random_scene
 
 
 def prompt_region(gallery: Gallery, xy: list[tuple[int, int]]) -> tuple[torch.Tensor, np.ndarray]:
@@ -268,7 +268,7 @@ def test_lazy_and_eager_answer_identically():
 def test_real_sam_decoder_gallery_matches_eq1_and_lazy_equals_eager():
     """Through segment-anything's decoder (random-weight test_tiny model): the stored O/B masks
     are the largest-area and best-scored of the 3 outputs, and lazy answers as eager."""
-    from esam_core.backend import SamBackend
+    from esam_core.backends.sam import SamBackend
 
     cfg = gallery_config(model__type="test_tiny", emr__gallery_match="cover_each")
     backend = SamBackend(cfg)

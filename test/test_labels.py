@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from esam_core.backends.scene import Scene, SceneBackend
 from esam_core.labels import (
     build_label_map,
     entities_from_label_map,
@@ -13,7 +14,6 @@ from esam_core.labels import (
     paint_entities,
     paint_masks,
 )
-from esam_core.scene import Scene, SceneBackend
 from esam_core.types import Entities
 
 

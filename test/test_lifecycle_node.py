@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import CONFIG_DIR, REPO, requires_ros
+from node_harness import Harness, check_outputs, image_msg, labels_of, scene, set_params
 from test_launch import Node as NodeProcess
 from test_launch import _exchange, launch_module
-from test_node import Harness, check_outputs, image_msg, labels_of, scene, set_params
 
 pytestmark = requires_ros
 TINY = str(CONFIG_DIR / "test_tiny.yaml")
@@ -88,7 +88,7 @@ def managed() -> Iterator[Harness]:
     from rclpy.context import Context
     from rclpy.parameter import Parameter
 
-    from esam_ros.esam_lifecycle_node import EsamLifecycleNode
+    from esam_ros.node.esam_lifecycle_node import EsamLifecycleNode
 
     context = Context()
     rclpy.init(context=context, args=["--ros-args", "--params-file", TINY])
@@ -242,7 +242,7 @@ def test_autostart_serves_without_transitions_and_stops_on_sigint(ros_context: A
 def _start_without_checkpoint(tmp_path: Path, autostart: bool) -> subprocess.Popen:
     env = {**os.environ, "ESAM_WEIGHTS_DIR": str(tmp_path / "weights")}
     return subprocess.Popen(
-        [sys.executable, "-m", "esam_ros.esam_lifecycle_node", "--ros-args", "--params-file",
+        [sys.executable, "-m", "esam_ros.node.esam_lifecycle_node", "--ros-args", "--params-file",
          str(CONFIG_DIR / "esam.yaml"), "-p", f"autostart:={str(autostart).lower()}"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

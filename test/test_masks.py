@@ -14,6 +14,7 @@ import torch
 from torchvision.ops import box_iou
 
 import esam_core.masks as masks_mod
+from esam_core.backends.scene import SceneBackend, random_scene
 from esam_core.config import Config
 from esam_core.masks import (
     greedy_nms,
@@ -24,7 +25,6 @@ from esam_core.masks import (
     pairwise_iou,
 )
 from esam_core.mmg import grid_points, mean_density, run_mmg, sort_levels
-from esam_core.scene import SceneBackend, random_scene
 
 H, W = 40, 52
 

@@ -8,6 +8,7 @@ import torch
 from segment_anything.utils.amg import batched_mask_to_box, build_point_grid
 from torchvision.ops import batched_nms
 
+from esam_core.backends.scene import Scene, SceneBackend, random_scene
 from esam_core.config import Config
 from esam_core.masks import pairwise_iou, to_cells
 from esam_core.mmg import (
@@ -18,7 +19,6 @@ from esam_core.mmg import (
     run_mmg,
     sort_levels,
 )
-from esam_core.scene import Scene, SceneBackend, random_scene
 from esam_core.superpixels import compute_superpixels, density_map
 
 OFF = Config({"mmg.density.mode": "off", "mmg.prefilter": "none"})  # Eq.2 and Eq.4 alone

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import requires_ros
-from test_node import Harness, _context_and_node, check_outputs, image_msg, scene, set_params
+from node_harness import Harness, _context_and_node, check_outputs, image_msg, scene, set_params
 
 pytestmark = requires_ros
 H, W = 48, 64

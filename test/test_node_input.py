@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from conftest import requires_ros
 
-from esam_ros.node_input import InputMonitor
+from esam_ros.node.inputs import InputMonitor
 
 HINT = "try reliable"
 
@@ -57,7 +57,7 @@ def test_middleware_loss_reports_warn_once() -> None:
 
 @requires_ros
 def test_qos_events_route_message_lost_to_the_counter() -> None:
-    from esam_ros.node_depth import qos_events
+    from esam_ros.node.depth import qos_events
 
     counted: list[int] = []
     callbacks = qos_events(None, SimpleNamespace(qos_warned=False), "image", counted.append)
@@ -82,10 +82,10 @@ class Instant:
 
 
 def _node_and_harness(context: Any, overrides: dict[str, Any]) -> tuple[Any, Any, list]:
+    from node_harness import Harness
     from rclpy.parameter import Parameter
-    from test_node import Harness
 
-    from esam_ros.esam_node import EsamNode
+    from esam_ros.node.esam_node import EsamNode
 
     params = {"diagnostics_period": 0.2, **overrides}
     node = EsamNode(segmenter=Instant(), context=context,
@@ -133,7 +133,7 @@ def test_publisher_without_frames_warns(ros_context: Any) -> None:
 @requires_ros
 def test_frames_missing_from_the_stamp_sequence_warn(ros_context: Any) -> None:
     """10 frames arrive whose stamps (10 Hz) say 42 were sent: input_loss."""
-    from test_node import image_msg, scene
+    from node_harness import image_msg, scene
 
     node, harness, _ = _node_and_harness(ros_context, {"input_timeout_s": 60.0,
                                                        "qos.reliability": "reliable"})

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import requires_ros
-from test_lifecycle_node import change
-from test_node import TINY, Harness, image_msg, labels_of, scene
+from node_harness import TINY, Harness, image_msg, labels_of, scene
 
 pytestmark = requires_ros
 WORKERS = ("esam_worker", "esam_encoder", "esam_post")
@@ -133,7 +132,7 @@ def serving(cameras: list[str], segmenter: Any = None, **params: Any) -> Iterato
     from rclpy.context import Context
     from rclpy.parameter import Parameter
 
-    from esam_ros.esam_node import EsamNode
+    from esam_ros.node.esam_node import EsamNode
 
     context = Context()
     rclpy.init(context=context, args=["--ros-args", "--params-file", TINY])
@@ -260,61 +259,3 @@ def test_overlap_gives_the_same_entities_as_one_thread() -> None:
         np.testing.assert_array_equal(answers[True][fid][0], labels, err_msg=fid)
         assert answers[True][fid][1] == ents, fid
     assert any(ents for _, ents in answers[True].values())
-
-
-class GatedLifecycle:
-    """EsamLifecycleNode whose configure and activate 'load' a ``Gated`` segmenter."""
-
-    @staticmethod
-    def make(context: Any) -> Any:
-        from rclpy.parameter import Parameter
-
-        from esam_ros.esam_lifecycle_node import EsamLifecycleNode
-
-        class Node(EsamLifecycleNode):
-            segmenters: list[Gated] = []
-
-            def _load_model(self, segmenter: Any = None) -> None:
-                self.segmenters.append(Gated())
-                super()._load_model(self.segmenters[-1])
-
-        return Node(context=context, parameter_overrides=[
-            Parameter("autostart", value=False), Parameter("qos.reliability", value="reliable"),
-            Parameter("diagnostics_period", value=0.2)])
-
-
-def test_deactivate_during_overlapped_frames_cancels_both_and_activate_recovers() -> None:
-    import rclpy
-    from rclpy.context import Context
-
-    context = Context()
-    rclpy.init(context=context, args=["--ros-args", "--params-file", TINY])
-    node = GatedLifecycle.make(context)
-    h = Harness(context, node, [""], compressed=False)
-    try:
-        assert change(h.node, "configure") and change(h.node, "activate")
-        seg, workers = node.segmenter, list(node._workers)
-        assert [t.name for t in workers] == ["esam_encoder", "esam_post"]
-        wait_until(lambda: h.pubs[""].get_subscription_count() > 0, "the node")
-        seg.hold(7)
-        publish_once(h, "", tagged(7, 48, 64))
-        assert seg.seen("finish_start", 7)
-        publish_once(h, "", tagged(8, 40, 56))
-        assert seg.seen("prepare_end", 8)  # encoded, waiting for post-processing
-        assert change(h.node, "deactivate")
-        assert not any(t.is_alive() for t in workers) and node.segmenter is None
-        assert seg.seen("finish_cancelled", 7, timeout=0) and ("finish_start", 8) not in seg.log
-        assert node.stats.snapshot("")["cancelled"] == 2
-        assert change(h.node, "activate")
-        live = [t for t in threading.enumerate() if t.name in WORKERS]
-        assert sorted(t.name for t in live) == ["esam_encoder", "esam_post"]
-        assert set(live) == set(node._workers)
-        sent = tagged(9, 32, 48)
-        h.send("", sent)
-        assert published_sizes(h) == {"f9_32x48": (32, 48)}  # 7 and 8 never published
-        wait_until(lambda: h.diag_value("camera '/'", "cancelled (stopping)") == "2",
-                   "/diagnostics")
-    finally:
-        h.close()
-        node.destroy_node()
-        rclpy.shutdown(context=context)

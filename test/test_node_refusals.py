@@ -16,18 +16,9 @@ import cv2
 import numpy as np
 import pytest
 from conftest import requires_ros
-from test_node import (
-    TINY,
-    Harness,
-    Held,
-    _run_node,
-    check_outputs,
-    compressed_msg,
-    image_msg,
-    scene,
-    serve,
-    set_params,
-)
+from node_harness import TINY, Harness, check_outputs, image_msg, scene, serve, set_params
+from test_node import Held, compressed_msg
+from test_node_startup import _run_node
 
 pytestmark = requires_ros
 
@@ -149,7 +140,7 @@ def test_diagnostics_run_with_sim_time_and_no_clock(ros_context: Any) -> None:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from esam_ros.esam_node import EsamNode
+    from esam_ros.node.esam_node import EsamNode
 
     class NoModel:  # no frame is processed: only the timer matters
         device = "cpu"

@@ -27,11 +27,11 @@ pytestmark = requires_ros
 SLOW_NODE = """
 import sys, time
 import torch
-from esam_core.backend import SamBackend
+from esam_core.backends.sam import SamBackend
 from esam_core.config import load_config
 from esam_core.pipeline import EntitySegmenter
-from esam_ros.esam_node import NODE_NAME, EsamNode
-from esam_ros.node_runtime import run
+from esam_ros.node.esam_node import NODE_NAME, EsamNode
+from esam_ros.node.runtime import run
 
 ENCODER_S, BATCH_S = float(sys.argv[1]), float(sys.argv[2])
 
@@ -49,6 +49,7 @@ class SlowBackend(SamBackend):
         busy(ENCODER_S)
 
     def decode_points(self, points_xy):
+        print("SLOW: decoding", flush=True)  # post-processing has started
         busy(BATCH_S)
         return super().decode_points(points_xy)
 
@@ -110,10 +111,14 @@ class SlowNode:
         finally:
             client.destroy_node()
 
-    def stop_cleanly(self, context: Any, sig: int, again: bool = False, frames: int = 1) -> str:
+    def stop_cleanly(self, context: Any, sig: int, again: bool = False, frames: int = 1,
+                     in_post: bool = False) -> str:
         """Start ``frames`` frames, send ``sig`` (and, once the node says it waits, ``sig``
         again); check the exit: code 0, no abort, within 15 s. Returns the output."""
         self.start_a_frame(context, frames)
+        if in_post:  # signal once post-processing runs, not while the frame may still be
+            # encoding (it would then be cancelled on its way to the post thread instead)
+            assert self.wait_for_line("SLOW: decoding", 30.0), self.output()
         t0 = time.monotonic()
         self.proc.send_signal(sig)
         if again:
@@ -140,7 +145,7 @@ class SlowNode:
 def test_signal_cancels_the_frame_at_a_stage_boundary_and_exits_0(ros_context: Any) -> None:
     # Each decoder batch (one prompt) takes 1 s: the frame would need well over 30 s.
     node = SlowNode(encoder_s=0.0, batch_s=1.0, shutdown_timeout_s=30.0)
-    out = node.stop_cleanly(ros_context, signal.SIGINT)
+    out = node.stop_cleanly(ros_context, signal.SIGINT, in_post=True)
     assert "waiting for the frame in flight (camera '/', frame_id 'slow_frame'" in out, out
     assert "frame 'slow_frame' cancelled" in out, out
 

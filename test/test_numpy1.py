@@ -21,10 +21,11 @@ import numpy as np, cv2
 assert np.__version__.startswith("1."), np.__version__
 from esam_core.config import load_config
 from esam_core.pipeline import EntitySegmenter
-from esam_ros.conversions import image_to_rgb
-from esam_ros.overlay import overlay_image
+from esam_ros.images.colour import image_to_rgb
+from esam_ros.images.overlay import overlay_image
 from esam_ros.msg import EntityArray
-from esam_ros.node_depth import entity_array
+from esam_ros.messages import entity_array, rclpy_types
+import esam_ros.node.depth  # the node's modules import under numpy 1 too
 from sensor_msgs.msg import CameraInfo, Image
 rgb = np.zeros((48, 64, 3), np.uint8)
 rgb[:, 32:] = (200, 30, 30)
@@ -34,7 +35,7 @@ assert (image_to_rgb(msg) == rgb).all()
 assert overlay_image(rgb, res.label_map, entities=res.entities).shape == (48, 64, 3)
 info = CameraInfo()
 info.k = [500.0, 0.0, 32.0, 0.0, 500.0, 24.0, 0.0, 0.0, 1.0]
-assert isinstance(entity_array(msg.header, res), EntityArray) and info.k[0] == 500.0
+assert isinstance(entity_array(rclpy_types(), msg.header, res), EntityArray) and info.k[0] == 500.0
 print("OK numpy", np.__version__, "opencv", cv2.__version__, "entities", len(res.entities))
 """
 

@@ -81,7 +81,7 @@ def test_node_refuses_a_file_without_a_section_for_it(tmp_path: Path) -> None:
     text = (CONFIG_DIR / "test_tiny.yaml").read_text().replace("/**:", "esam_node:", 1)
     path = tmp_path / "old_style.yaml"
     path.write_text(text)
-    proc = subprocess.run([sys.executable, "-m", "esam_ros.esam_node", "--ros-args",
+    proc = subprocess.run([sys.executable, "-m", "esam_ros.node.esam_node", "--ros-args",
                            "--params-file", str(path), "-r", "__ns:=/front"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     lines = [x for x in (proc.stderr + proc.stdout).splitlines() if x.strip()]

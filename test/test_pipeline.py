@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
+from esam_core.backends.scene import Scene, SceneBackend, random_scene
 from esam_core.config import Config, ConfigError
 from esam_core.pipeline import EntitySegmenter
-from esam_core.scene import Scene, SceneBackend, random_scene
 
 SMALL = {"mmg.points_per_side": 8, "gallery.points_per_side": 16}
 

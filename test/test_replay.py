@@ -15,10 +15,9 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from esam_core.config import load_config
-from esam_ros import replay as rp
-from esam_ros.bag_io import BagError, BagReader, output_topics
+from esam_ros.bag import replay as rp
+from esam_ros.bag.reader import BagError, BagReader, output_topics
 from esam_ros.cli import main
-from esam_ros.replay_report import best_match_iou
 
 SPOT = ("raw_mcap", "raw_sqlite3", "compressed_mcap", "compressed_sqlite3")
 STORE = get_typestore(Stores.ROS2_JAZZY)
@@ -273,7 +272,7 @@ def test_bad_bags_are_one_clear_error(shared_data, tiny_yaml, tmp_path, capsys):
 
 
 def test_missing_checkpoint_fallback_is_loud(tiny_yaml, tmp_path, caplog):
-    from esam_core.weights import CheckpointError
+    from esam_core.backends.checkpoints import CheckpointError
 
     cfg = load_config(None, {"model.type": "vit_b", "model.checkpoint": str(tmp_path / "no.pth")})
     with pytest.raises(CheckpointError):
@@ -282,64 +281,3 @@ def test_missing_checkpoint_fallback_is_loud(tiny_yaml, tmp_path, caplog):
         _, used = rp.make_segmenter(cfg, fallback_test_tiny=True)
     assert used["model.type"] == "test_tiny"
     assert "MEANINGLESS" in caplog.text and "no.pth" in caplog.text
-
-
-def test_best_match_iou():
-    a = np.zeros((10, 10), np.uint16)
-    a[:5, :5], a[5:, 5:] = 1, 2
-    assert best_match_iou(a, a) == 1.0
-    b = np.zeros_like(a)
-    b[:5, 1:6] = 7  # 20 of 25 pixels shared with id 1: IoU 20/30
-    assert best_match_iou(a, b) == pytest.approx(20 / 30)
-    assert best_match_iou(np.zeros_like(a), b) == 0.0
-    assert best_match_iou(a, np.zeros_like(a)) is None
-    assert best_match_iou(a, a[:5]) is None
-
-
-def test_output_topic_rule():
-    got = output_topics(["/a/image", "/a/image/compressed", "/b/image_raw", "/image"])
-    assert got == {"/a/image": ("/a/entities", "/a/entity_labels"),
-                   "/a/image/compressed": ("/a/image/compressed/entities",
-                                           "/a/image/compressed/entity_labels"),
-                   "/b/image_raw": ("/b/image_raw/entities", "/b/image_raw/entity_labels"),
-                   "/image": ("/entities", "/entity_labels")}
-
-
-
-def _copy_spot(dst: Path) -> Path:
-    """The repository's own Spot sample bag (data/spot/raw_mcap) copied to ``dst``."""
-    import shutil
-
-    src = Path(__file__).resolve().parents[1] / "data" / "spot" / "raw_mcap"
-    shutil.copytree(src, dst)
-    return dst
-
-
-def test_rosbag2_folder_named_like_a_ros1_bag(tmp_path, segmenter):
-    """`ros2 bag record -o run.bag` makes a folder: metadata.yaml decides, not the suffix."""
-    bag = _copy_spot(tmp_path / "run.bag")
-    with BagReader(bag) as reader:
-        assert not reader.is_ros1 and "/spot/camera/hand_mono/image" in reader.image_topics
-    seg, cfg = segmenter
-    report = rp.replay(bag, tmp_path / "out", seg, cfg, topics=["/spot/camera/hand_mono/image"],
-                       progress=False)
-    assert report["frames"]["processed"] == 1
-    assert not list(tmp_path.glob("esam_bag_*"))  # nothing left behind
-
-
-def test_overlay_topic_for_viewers(tmp_path, capsys):
-    """--overlay writes C/entity_overlay (rgb8, input size) next to entity_labels."""
-    bag = _copy_spot(tmp_path / "spot")
-    code = main(["replay", str(bag), "--model", "test_tiny", "--set", "mmg.points_per_side=4",
-                 "--set", "gallery.points_per_side=8", "--overlay", "--no-progress",
-                 "--topics", "/spot/camera/hand_mono/image", "--out", str(tmp_path / "out")])
-    assert code == 0, capsys.readouterr().err
-    out = read_bag(tmp_path / "out")
-    (_, overlay), = out["/spot/camera/hand_mono/entity_overlay"]
-    (_, image), = out["/spot/camera/hand_mono/image"]
-    (_, entities), = out["/spot/camera/hand_mono/entities"]
-    assert (overlay.encoding, overlay.height, overlay.width) == ("rgb8", image.height, image.width)
-    assert overlay.header.stamp == image.header.stamp and entities.entities
-    pixels = np.asarray(overlay.data).reshape(image.height, image.width, 3)
-    grey = np.asarray(image.data).reshape(image.height, image.width)
-    assert not np.array_equal(pixels, np.dstack([grey] * 3))  # entities are painted on it

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY_YAML, read_bag
 
-from esam_ros.bag_io import BagReader
+from esam_ros.bag.reader import BagReader
 from esam_ros.cli import main
 
 SPOT = "bags/spot/raw_mcap"

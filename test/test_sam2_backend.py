@@ -15,10 +15,10 @@ from sam2.utils.amg import calculate_stability_score
 from test_backend import POINTS, H, W
 
 from esam_core.backends import build_backend
+from esam_core.backends.checkpoints import CHECKPOINTS, CheckpointError
 from esam_core.backends.sam2 import Sam2Backend, feature_sizes
 from esam_core.backends.sam2_models import Sam2NotInstalledError, build_sam2_model
 from esam_core.config import Config, ConfigError
-from esam_core.weights import CHECKPOINTS, CheckpointError
 
 
 def tiny_cfg(**values) -> Config:
@@ -200,7 +200,7 @@ def test_wrong_checkpoint_says_what_it_looks_like(tiny_checkpoint, tmp_path):
     cfg = Config({"model.type": "sam2.1_hiera_b+", "model.checkpoint": str(tiny_checkpoint)})
     with pytest.raises(CheckpointError, match="looks like sam2_test_tiny, expected sam2.1_hiera_b"):
         build_sam2_model(cfg)
-    from esam_core.models import build_sam_model
+    from esam_core.backends.models import build_sam_model
 
     sam = tmp_path / "sam_tiny.pth"
     torch.save(build_sam_model(Config({"model.type": "test_tiny"})).state_dict(), sam)

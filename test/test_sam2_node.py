@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from conftest import requires_ros
-from test_node import check_outputs, image_msg, scene, serve
+from node_harness import check_outputs, image_msg, scene, serve
 
 pytestmark = requires_ros
 

@@ -16,11 +16,12 @@ from helpers import read_bag
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
+from esam_core.backends.checkpoints import CHECKPOINTS, CheckpointInfo
 from esam_core.backends.sam2 import Sam2Backend
 from esam_core.backends.sam2_models import build_sam2_model
+from esam_core.backends.weights import WeightsError, download_weights
 from esam_core.config import Config
 from esam_core.pipeline import EntitySegmenter
-from esam_core.weights import CHECKPOINTS, CheckpointInfo, WeightsError, download_weights
 from esam_ros.cli import main
 
 SMALL = {"model.type": "sam2_test_tiny", "model.device": "cpu", "mmg.points_per_side": 4,
@@ -146,7 +147,7 @@ def server(tmp_path, monkeypatch):
 
 def test_sam2_download_is_verified_by_loading(server, tmp_path, caplog):
     base, handler = server
-    with caplog.at_level("INFO", logger="esam_core.weights"):
+    with caplog.at_level("INFO", logger="esam_core.backends.weights"):
         path = download_weights("sam2_test_tiny", tmp_path / "w", progress=False)
     assert path == tmp_path / "w" / "tiny.pt" and sorted((tmp_path / "w").iterdir()) == [path]
     assert "SHA-256" in caplog.text  # logged so a user can pin it with --sha256

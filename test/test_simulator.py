@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from esam_core.backends.sim_scenes import coco_scenes, generated_scene, scene_from_instances
-from esam_core.backends.simulator import FailureRates, SamSimulator, SimScene
+from esam_core.backends.sim_failures import FailureRates
+from esam_core.backends.sim_scenes import (
+    SimScene,
+    coco_scenes,
+    generated_scene,
+    scene_from_instances,
+)
+from esam_core.backends.simulator import SamSimulator
 from esam_core.masks import pairwise_iou
 
 NONE = FailureRates().only("none")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from esam_core.backends.scene import Scene, SceneBackend
 from esam_core.config import Config
 from esam_core.pipeline import EntitySegmenter
-from esam_core.scene import Scene, SceneBackend
 from esam_core.spatial import EntityAnnotator
 
 SMALL = {"mmg.points_per_side": 8, "gallery.points_per_side": 16}

@@ -27,10 +27,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from esam_core import emr, mmg, pipeline, usr
+from esam_core.backends.scene import Scene, SceneBackend, random_scene
 from esam_core.config import Config
 from esam_core.emr import merge as emr_merge
 from esam_core.gallery import Gallery
-from esam_core.scene import Scene, SceneBackend, random_scene
 
 #: Calls that make the host wait for the device when their (first) tensor is on the device.
 _D2H = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "nonzero",

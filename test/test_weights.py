@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from esam_core.weights import CHECKPOINTS, WeightsError, download_weights, sha256_file
+from esam_core.backends.checkpoints import CHECKPOINTS
+from esam_core.backends.weights import WeightsError, download_weights, sha256_file
 from esam_ros.cli import main as esam_main
 
 PAYLOAD = bytes(range(256)) * 5000  # 1.28 MB: more than one read chunk

@@ -1,12 +1,12 @@
-"""Prompt backends: what answers E-SAM's point prompts (see ``esam_core.types.PromptBackend``)."""
+"""Prompt backends: what answers E-SAM's point prompts (see ``esam_core.backends.protocol``)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from esam_core.backends.protocol import PromptBackend
     from esam_core.config import Config
-    from esam_core.types import PromptBackend
 
 
 def build_backend(cfg: Config, random_weights: bool = False) -> PromptBackend:
@@ -24,6 +24,6 @@ def build_backend(cfg: Config, random_weights: bool = False) -> PromptBackend:
         from esam_core.backends.sam2 import Sam2Backend
 
         return Sam2Backend(cfg, random_weights=random_weights)
-    from esam_core.backend import SamBackend
+    from esam_core.backends.sam import SamBackend
 
     return SamBackend(cfg, random_weights=random_weights)

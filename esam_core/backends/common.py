@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.amg import calculate_stability_score  # = sam2.utils.amg's
 
+from esam_core.backends.models import resolve_device
+from esam_core.backends.protocol import Decoded
 from esam_core.config import PARAMETERS, Config, ConfigError
-from esam_core.models import resolve_device
-from esam_core.types import Decoded
 
 _LOG = logging.getLogger(__name__)
 

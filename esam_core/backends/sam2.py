@@ -1,12 +1,12 @@
 """SAM 2.1 backend: answer point prompts with Meta's ``sam2`` package (models from
 ``sam2_models.py``).
 
-``Sam2Backend`` implements ``esam_core.types.PromptBackend`` like ``SamBackend`` does on SAM: the
-image is encoded once per frame (``SAM2ImagePredictor.set_image``, Meta's own preprocessing) and
-point prompts go in batches straight through the prompt encoder and the mask decoder, at low
-resolution. SAM 2 resizes the image to an ``image_size`` square (no padding), so the whole
-low-res grid is image: ``lowres_hw`` is the decoder's mask size (256×256 at 1024 px). All sizes
-are read from the model. Import this module only after ``sam2_models.require_sam2``.
+``Sam2Backend`` implements ``esam_core.backends.protocol.PromptBackend`` like ``SamBackend`` does
+on SAM: the image is encoded once per frame (``SAM2ImagePredictor.set_image``, Meta's own
+preprocessing) and point prompts go in batches straight through the prompt encoder and the mask
+decoder, at low resolution. SAM 2 resizes the image to an ``image_size`` square (no padding), so
+the whole low-res grid is image: ``lowres_hw`` is the decoder's mask size (256×256 at 1024 px).
+All sizes are read from the model. Import this module only after ``sam2_models.require_sam2``.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from esam_core.backends.checkpoints import check_state_dict, load_checkpoint, resolve_checkpoint
+from esam_core.backends.models import random_init
 from esam_core.config import Config, ConfigError
-from esam_core.models import random_init
-from esam_core.weights import check_state_dict, load_checkpoint, resolve_checkpoint
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
@@ -118,8 +118,9 @@ def build_sam2_model(cfg: Config, random_weights: bool = False) -> SAM2Base:
     """The ``cfg["model.type"]`` SAM 2.1 on the CPU, in eval mode.
 
     ``sam2.1_hiera_*`` load ``model.checkpoint`` (searched like SAM's, see
-    ``esam_core.weights.checkpoint_candidates``; an official file holds its state_dict under
-    ``"model"``); with ``random_weights`` they get random weights instead (timing only).
+    ``esam_core.backends.checkpoints.checkpoint_candidates``; an official file holds its
+    state_dict under ``"model"``); with ``random_weights`` they get random weights instead
+    (timing only).
     ``sam2_test_tiny`` has random weights seeded by ``model.seed`` unless ``model.checkpoint``
     names a saved one.
 

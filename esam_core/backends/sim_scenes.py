@@ -15,13 +15,47 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 from skimage.segmentation import felzenszwalb
 
-from esam_core.backends.simulator import SimScene
+
+@dataclass
+class SimScene:
+    """Ground truth for the simulator: leaf regions grouped into parts, parts into entities.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB (superpixels are computed on it).
+        leaves: (H, W) int32 leaf id 0..L-1 for every pixel.
+        leaf_part: (L,) int64 part id of each leaf.
+        part_entity: (P,) int64 entity id of each part.
+        annotated: (E,) bool, entity is ground truth (False: unannotated void, ignored by AP^e).
+        ambiguous: (E,) bool, textureless or ambiguous region (``low_conf`` candidates).
+        appearance: (E,) int64 appearance class; entities of a class have similar features.
+        name: for reports.
+    """
+
+    image: np.ndarray
+    leaves: np.ndarray
+    leaf_part: np.ndarray
+    part_entity: np.ndarray
+    annotated: np.ndarray
+    ambiguous: np.ndarray
+    appearance: np.ndarray
+    name: str = "scene"
+
+    @property
+    def part_map(self) -> np.ndarray:
+        """(H, W) int64 part id per pixel."""
+        return self.leaf_part[self.leaves]
+
+    @property
+    def entity_map(self) -> np.ndarray:
+        """(H, W) int64 entity id per pixel."""
+        return self.part_entity[self.leaf_part[self.leaves]]
 
 
 class _Builder:

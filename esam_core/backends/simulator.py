@@ -25,15 +25,19 @@ eager gallery decoding see the same masks.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from esam_core.types import Decoded
+from esam_core.backends.protocol import Decoded
+from esam_core.backends.sim_failures import (
+    DEFAULT_RATES,
+    FailureRates,
+    keyed_rng,
+    plan_failures,
+)
+from esam_core.backends.sim_scenes import SimScene
 
 #: Logits per *SAM* low-res cell (1/256 of the long side) of a confident mask's boundary ramp,
 #: and of a low-confidence blob; rescaled when the working grid is coarser or finer than SAM's.
@@ -46,70 +50,6 @@ _LOGIT_CLAMP = 30.0
 _BANK = 64
 #: Share of an entity's prompts that show its failure (merged whole, blob).
 _PROMPT_SHARE = {"merge": 0.75, "low_conf": 0.8, "part_missing_whole": 0.5}
-
-
-@dataclass(frozen=True)
-class FailureRates:
-    """How often each SAM failure is injected (probabilities; ``jitter_cells`` is an amplitude)."""
-
-    jitter: float = 0.6
-    jitter_cells: float = 0.7  # in SAM low-res cells (4 px of SAM's 1024-px input)
-    merge: float = 0.25
-    part: float = 0.3
-    low_conf: float = 0.5
-    small_miss: float = 0.5
-
-    MODES = ("jitter", "merge", "part", "low_conf", "small_miss")
-
-    def scaled(self, factor: float) -> FailureRates:
-        """Every rate (and the jitter amplitude) times ``factor``, rates clipped to [0, 1]."""
-        return FailureRates(**{k: (v * factor if k == "jitter_cells" else min(1.0, v * factor))
-                               for k, v in dataclasses.asdict(self).items()})
-
-    def only(self, mode: str) -> FailureRates:
-        """These rates with every failure but ``mode`` switched off ("none": all off)."""
-        if mode not in (*self.MODES, "none"):
-            raise ValueError(f"unknown failure mode {mode!r}; expected one of {self.MODES}")
-        return dataclasses.replace(self, **{m: 0.0 for m in self.MODES if m != mode})
-
-
-@dataclass
-class SimScene:
-    """Ground truth for the simulator: leaf regions grouped into parts, parts into entities.
-
-    Attributes:
-        image: (H, W, 3) uint8 RGB (superpixels are computed on it).
-        leaves: (H, W) int32 leaf id 0..L-1 for every pixel.
-        leaf_part: (L,) int64 part id of each leaf.
-        part_entity: (P,) int64 entity id of each part.
-        annotated: (E,) bool, entity is ground truth (False: unannotated void, ignored by AP^e).
-        ambiguous: (E,) bool, textureless or ambiguous region (``low_conf`` candidates).
-        appearance: (E,) int64 appearance class; entities of a class have similar features.
-        name: for reports.
-    """
-
-    image: np.ndarray
-    leaves: np.ndarray
-    leaf_part: np.ndarray
-    part_entity: np.ndarray
-    annotated: np.ndarray
-    ambiguous: np.ndarray
-    appearance: np.ndarray
-    name: str = "scene"
-
-    @property
-    def part_map(self) -> np.ndarray:
-        """(H, W) int64 part id per pixel."""
-        return self.leaf_part[self.leaves]
-
-    @property
-    def entity_map(self) -> np.ndarray:
-        """(H, W) int64 entity id per pixel."""
-        return self.part_entity[self.leaf_part[self.leaves]]
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([abs(int(k)) for k in key])
 
 
 def _score(rng: np.random.Generator, mean: float, std: float) -> float:
@@ -126,7 +66,7 @@ class SamSimulator:
         lowres_long_side: long side of the working grid (SAM: 256 for its 1024-px input).
     """
 
-    def __init__(self, scene: SimScene, rates: FailureRates = FailureRates(), seed: int = 0,
+    def __init__(self, scene: SimScene, rates: FailureRates = DEFAULT_RATES, seed: int = 0,
                  lowres_long_side: int = 256, feature_dim: int = 32,
                  device: str | torch.device = "cpu") -> None:
         self.scene, self.rates, self.seed = scene, rates, int(seed)
@@ -145,7 +85,7 @@ class SamSimulator:
         self._feature_dim = feature_dim
         self._dirs: dict[tuple, np.ndarray] = {}
         self._bank = self._noise_bank()
-        self._plan_entities()
+        self._plan, self._neighbours = plan_failures(scene, self._maps["e"], rates, self.seed)
         self.decoded_prompts = 0
 
     # --- PromptBackend -------------------------------------------------------------------------
@@ -173,7 +113,7 @@ class SamSimulator:
         for n, (x, y) in enumerate(pts):
             key = (round(x * 4), round(y * 4))
             if key not in self._cache:
-                self._cache[key] = self._render(x, y, _rng(self.seed, 2, *key))
+                self._cache[key] = self._render(x, y, keyed_rng(self.seed, 2, *key))
             logits[n], scores[n] = self._cache[key]
         self.decoded_prompts += len(pts)
         scores_t = torch.from_numpy(scores).to(self.device)
@@ -205,7 +145,8 @@ class SamSimulator:
         feats = np.zeros((len(pts), self._feature_dim), np.float32)
         for n, (x, y) in enumerate(pts):
             e, p = (int(self._at(kind, x, y)) for kind in ("e", "p"))
-            noise = _rng(self.seed, 3, round(x * 4), round(y * 4)).normal(size=self._feature_dim)
+            noise = keyed_rng(self.seed, 3, round(x * 4), round(y * 4)).normal(
+                size=self._feature_dim)
             feats[n] = (self._dir("e", e) + 0.6 * self._dir("c", int(self.scene.appearance[e]))
                         + 0.4 * self._dir("p", p) + 0.25 * noise / np.sqrt(self._feature_dim))
         return F.normalize(torch.from_numpy(feats).to(self.device), dim=1)
@@ -264,40 +205,6 @@ class SamSimulator:
             out.append((sdf, _score(rng, 0.72, 0.06), _SLOPE_SOFT))
         return out
 
-    def _plan_entities(self) -> None:
-        """Which entities fail how (drawn once per seed), and their touching neighbours."""
-        emap = self._maps["e"]
-        n_ent = len(self.scene.annotated)
-        a, b = np.concatenate([emap[:, :-1].ravel(), emap[:-1, :].ravel()]), \
-            np.concatenate([emap[:, 1:].ravel(), emap[1:, :].ravel()])
-        cross = a != b
-        pairs, contact = np.unique(np.stack([np.minimum(a, b)[cross], np.maximum(a, b)[cross]]),
-                                   axis=1, return_counts=True)
-        touch: dict[int, dict[int, int]] = {i: {} for i in range(n_ent)}
-        for (i, j), c in zip(pairs.T, contact):
-            touch[int(i)][int(j)] = touch[int(j)][int(i)] = int(c)
-        self._neighbours = {i: sorted(t) for i, t in touch.items()}
-        area = np.bincount(emap.ravel(), minlength=n_ent)
-        hh, ww = self._image_hw
-        small_px = 4.0 * (hh / 32) * (ww / 32)  # a few cells of SAM's 32-point grid
-        parts_per_entity = np.bincount(self.scene.part_entity, minlength=n_ent)
-        r = self.rates
-        self._plan: list[dict] = []
-        for e in range(n_ent):
-            rng = _rng(self.seed, 1, e)
-            draws = rng.random(4)
-            nbrs = touch[e]
-            plan: dict = {}
-            if nbrs and draws[0] < r.merge:
-                keys = np.array(sorted(nbrs))
-                weights = np.array([nbrs[k] for k in keys], np.float64)
-                plan["merge"] = int(rng.choice(keys, p=weights / weights.sum()))
-            plan["part"] = bool(parts_per_entity[e] >= 2 and draws[1] < r.part)
-            plan["low_conf"] = bool(self.scene.ambiguous[e] and draws[2] < r.low_conf)
-            if nbrs and 0 < area[e] < small_px and draws[3] < r.small_miss:
-                plan["small_miss"] = max(nbrs, key=lambda k: (nbrs[k], -k))
-            self._plan.append(plan)
-
     # --- geometry ------------------------------------------------------------------------------
 
     def _at(self, kind: str, x: float, y: float) -> int:
@@ -322,14 +229,14 @@ class SamSimulator:
     def _dir(self, kind: str, node: int) -> np.ndarray:
         key = (kind, node)
         if key not in self._dirs:
-            v = _rng(self.seed, 4, ord(kind), node).normal(size=self._feature_dim)
+            v = keyed_rng(self.seed, 4, ord(kind), node).normal(size=self._feature_dim)
             self._dirs[key] = (v / np.linalg.norm(v)).astype(np.float32)
         return self._dirs[key]
 
     def _noise_bank(self) -> np.ndarray:
         """(_BANK, h, w) float32 smooth fields of unit standard deviation."""
         h, w = self._lowres_hw
-        rng = _rng(self.seed, 5)
+        rng = keyed_rng(self.seed, 5)
         bank = np.empty((_BANK, h, w), np.float32)
         for k in range(_BANK):
             coarse = rng.normal(size=(max(2, h // 8), max(2, w // 8))).astype(np.float32)
