@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, requires_ros
 
 
@@ -46,3 +47,13 @@ def test_bench_node_stream_runs_overlap_off_and_on() -> None:
     rows = [line.split() for line in lines[header + 1:header + 3]]
     assert [r[:2] for r in rows] == [["2", "off"], ["2", "on"]], out
     assert all(float(r[2]) > 0 for r in rows), out  # frames/s
+
+
+@pytest.mark.parametrize("module", ["esam_ros.bench.node", "esam_ros.bench.qos"])
+def test_bench_help_prints(module: str) -> None:
+    """``--help`` of each benchmark prints its options (a bare ``%`` in a help string crashed
+    argparse's formatter)."""
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--domain-id" in proc.stdout and "200 + pid % 32" in proc.stdout

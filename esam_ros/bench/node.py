@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="run real E-SAM from this params file (default: an "
                                          "instant segmenter, node overhead only)")
     parser.add_argument("--domain-id", type=int, choices=range(0, 233), metavar="0..232",
-                        help="ROS domain of the DDS part (default: 200 + pid % 32)")
+                        help="ROS domain of the DDS part (default: 200 + pid %% 32)")
     stream = parser.add_argument_group("--stream: pipeline_overlap off vs on under a stream")
     stream.add_argument("--stream", action="store_true", help="run this instead")
     stream.add_argument("--cameras", default="1,2", help="camera counts to run")

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="frame sizes WxH, comma-separated")
     parser.add_argument("--frames", type=int, default=100, help="frames per configuration")
     parser.add_argument("--rate", type=float, default=10.0, help="publish rate (Hz)")
-    parser.add_argument("--domain-id", type=int, help="ROS domain (default: 200 + pid % 32)")
+    parser.add_argument("--domain-id", type=int, help="ROS domain (default: 200 + pid %% 32)")
     a = parser.parse_args(argv)
     domain = isolate_dds(a.domain_id)
     print(f"DDS: isolated domain {domain}, localhost-only discovery; {a.frames} rgb8 frames "
