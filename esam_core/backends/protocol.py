@@ -68,3 +68,25 @@ class PromptBackend(Protocol):
 
     def upsample_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """(M, h, w) low-res logits -> (M, H, W) float32 logits at the original image size."""
+
+
+class FixedSceneBackend:
+    """Base of the fake backends (scene, simulator): one known scene, so the image and working
+    grid sizes are fixed at construction and ``set_image`` only checks the image's size."""
+
+    _image_hw: tuple[int, int]
+    _lowres_hw: tuple[int, int]
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return self._image_hw
+
+    @property
+    def lowres_hw(self) -> tuple[int, int]:
+        return self._lowres_hw
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        if rgb.shape[:2] != self._image_hw:
+            raise ValueError(f"{type(self).__name__}: the scene is {self._image_hw}, the image is "
+                             f"{rgb.shape[:2]}")
+        self._image = rgb

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from esam_core.backends.protocol import Decoded
+from esam_core.backends.protocol import Decoded, FixedSceneBackend
 from esam_core.masks import mask_areas
 
 #: Multimask output order: index of (subpart, part, whole) in the returned triple.
@@ -72,7 +72,7 @@ class Scene:
         return lut[self.leaves]
 
 
-class SceneBackend:
+class SceneBackend(FixedSceneBackend):
     """``PromptBackend`` over a ``Scene``; logits at ``lowres_scale`` of the image size.
 
     Attributes:
@@ -90,19 +90,6 @@ class SceneBackend:
         self._feature_dim = feature_dim
         self._cache: dict[int, np.ndarray] = {}
         self._image: np.ndarray | None = None
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        return self._image_hw
-
-    @property
-    def lowres_hw(self) -> tuple[int, int]:
-        return self._lowres_hw
-
-    def set_image(self, rgb: np.ndarray) -> None:
-        if rgb.shape[:2] != self._image_hw:
-            raise ValueError(f"scene is {self._image_hw}, image is {rgb.shape[:2]}")
-        self._image = rgb
 
     def synchronize(self) -> None:
         """Nothing to wait for (CPU only)."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from esam_core.backends.protocol import Decoded
+from esam_core.backends.protocol import Decoded, FixedSceneBackend
 from esam_core.backends.sim_failures import (
     DEFAULT_RATES,
     FailureRates,
@@ -56,7 +56,7 @@ def _score(rng: np.random.Generator, mean: float, std: float) -> float:
     return float(np.clip(rng.normal(mean, std), 0.05, 0.995))
 
 
-class SamSimulator:
+class SamSimulator(FixedSceneBackend):
     """``PromptBackend`` simulating SAM on a ``SimScene`` (see the module docstring).
 
     Args:
@@ -89,18 +89,6 @@ class SamSimulator:
         self.decoded_prompts = 0
 
     # --- PromptBackend -------------------------------------------------------------------------
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        return self._image_hw
-
-    @property
-    def lowres_hw(self) -> tuple[int, int]:
-        return self._lowres_hw
-
-    def set_image(self, rgb: np.ndarray) -> None:
-        if rgb.shape[:2] != self._image_hw:
-            raise ValueError(f"simulated scene is {self._image_hw}, image is {rgb.shape[:2]}")
 
     def synchronize(self) -> None:
         """Nothing to wait for (CPU only)."""
