@@ -252,6 +252,9 @@ def test_overlap_gives_the_same_entities_as_one_thread() -> None:
                         (e.id, e.area, e.score, e.bbox.x_offset, e.bbox.y_offset, e.bbox.width,
                          e.bbox.height) for e in entities.entities])
             for cam in ("cam_a", "cam_b"):
+                # The post thread counts a frame just after publishing it.
+                wait_until(lambda c=cam: h.esam.stats.snapshot(c)["published"] >= 2,
+                           f"{cam}'s count", timeout=5.0)
                 snap = h.esam.stats.snapshot(cam)
                 assert (snap["published"], snap["dropped"], snap["bad"]) == (2, 0, {}), snap
             answers[overlap] = got
