@@ -31,9 +31,11 @@ def mask_areas(masks: torch.Tensor) -> torch.Tensor:
     """(M, h, w) bool -> (M,) int64 pixel counts."""
     if masks.dtype != torch.bool or masks.ndim != 3 or masks.shape[1] >= 1 << 15:
         return masks.flatten(1).sum(1)
-    if masks.device.type == "cpu" and _NUMPY_ON_CPU:  # numpy counts bools ~3x faster
+    if masks.device.type == "cpu" and _NUMPY_ON_CPU:
+        # numpy's whole-array count_nonzero is a vectorised popcount; with axis= it falls back
+        # to a generic sum, ~5x slower than counting row by row.
         flat = masks.reshape(masks.shape[0], masks.shape[1] * masks.shape[2]).numpy()
-        return torch.from_numpy(np.count_nonzero(flat, axis=1).astype(np.int64))
+        return torch.from_numpy(np.fromiter(map(np.count_nonzero, flat), np.int64, len(flat)))
     # Summing bool casts per element; uint8 column sums in int16 are exact (h < 2^15).
     return masks.view(torch.uint8).sum(1, dtype=torch.int16).sum(1, dtype=torch.int64)
 
