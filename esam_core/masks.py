@@ -27,6 +27,15 @@ _BLOCK = 32
 _NUMPY_ON_CPU = True
 
 
+def foreground(logits: torch.Tensor) -> torch.Tensor:
+    """``logits > 0`` (any shape, float) -> bool, the same values (numpy's comparison is ~2.5x
+    faster than torch's on the CPU)."""
+    if (logits.device.type == "cpu" and _NUMPY_ON_CPU and not logits.requires_grad
+            and logits.dtype in (torch.float32, torch.float16, torch.float64)):
+        return torch.from_numpy(np.greater(logits.numpy(), 0))
+    return logits > 0
+
+
 def mask_areas(masks: torch.Tensor) -> torch.Tensor:
     """(M, h, w) bool -> (M,) int64 pixel counts."""
     if masks.dtype != torch.bool or masks.ndim != 3 or masks.shape[1] >= 1 << 15:

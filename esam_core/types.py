@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from esam_core.backends.protocol import Decoded
+from esam_core.masks import foreground
 
 
 def pick(batch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ class MaskSet:
         if self._logits is None:
             decoded, rows, cols = self._view
             return pick(decoded.foreground, rows, cols)
-        return self._logits > 0
+        return foreground(self._logits)
 
     def __len__(self) -> int:
         return int(self.iou.shape[0])

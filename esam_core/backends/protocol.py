@@ -10,6 +10,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from esam_core.masks import foreground
+
 
 @dataclass
 class Decoded:
@@ -36,7 +38,7 @@ class Decoded:
     def foreground(self) -> torch.Tensor:
         """(N, 3, h, w) bool ``logits > 0``, computed once."""
         if self._foreground is None:
-            self._foreground = self.logits > 0
+            self._foreground = foreground(self.logits)
         return self._foreground
 
 
