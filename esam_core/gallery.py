@@ -19,14 +19,8 @@ from segment_anything.utils.amg import build_point_grid
 from esam_core import mmg
 from esam_core.backends.protocol import PromptBackend
 from esam_core.config import Config
-from esam_core.masks import (
-    greedy_nms,
-    mask_areas,
-    mask_nms,
-    pairwise_intersection,
-    pairwise_iou,
-    to_cells,
-)
+from esam_core.masks import mask_areas, pairwise_intersection, pairwise_iou, to_cells
+from esam_core.nms import greedy_nms, mask_nms
 from esam_core.types import pick
 
 #: Index of the object-level and best-level mask in the per-prompt storage.

@@ -19,7 +19,8 @@ from segment_anything.utils.amg import build_point_grid
 
 from esam_core.backends.protocol import Decoded
 from esam_core.config import Config
-from esam_core.masks import float_masks, mask_areas, mask_nms, pairwise_intersection, pairwise_iou
+from esam_core.masks import float_masks, mask_areas, pairwise_intersection, pairwise_iou
+from esam_core.nms import mask_nms
 from esam_core.types import MaskSet
 
 LEVELS = ("object", "part", "subpart")

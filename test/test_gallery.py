@@ -15,7 +15,8 @@ from esam_core.backends.scene import Scene, SceneBackend, random_scene
 from esam_core.config import Config
 from esam_core.emr import covering_mask, covering_masks, mutual_covers
 from esam_core.gallery import Gallery
-from esam_core.masks import greedy_nms, mask_nms, pairwise_intersection, pairwise_iou
+from esam_core.masks import pairwise_intersection, pairwise_iou
+from esam_core.nms import greedy_nms, mask_nms
 
 
 def prompt_region(gallery: Gallery, xy: list[tuple[int, int]]) -> tuple[torch.Tensor, np.ndarray]:
@@ -106,8 +107,8 @@ def random_boxes(rng: np.random.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("budget", [1 << 24, 0])  # large products, or one column at a time
 def test_gallery_grouping_equals_greedy_nms_on_pairwise_iou(monkeypatch, budget: int):
-    """Eq.6 groups guidance masks with ``masks.mask_nms`` (the one NMS gallery, MMG and EMR use)."""
-    monkeypatch.setattr("esam_core.masks._FLOAT_BUDGET", budget)
+    """Eq.6 groups guidance masks with ``nms.mask_nms`` (the one NMS gallery, MMG and EMR use)."""
+    monkeypatch.setattr("esam_core.nms._FLOAT_BUDGET", budget)
     rng = np.random.default_rng(3)
     masks = random_boxes(rng)
     scores = torch.tensor(rng.choice([0.8, 0.9, 0.95], len(masks)), dtype=torch.float32)

@@ -13,18 +13,12 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-import esam_core.masks as masks_mod
+import esam_core.nms as nms_mod
 from esam_core.backends.scene import SceneBackend, random_scene
 from esam_core.config import Config
-from esam_core.masks import (
-    greedy_nms,
-    mask_areas,
-    mask_boxes,
-    mask_nms,
-    pairwise_intersection,
-    pairwise_iou,
-)
+from esam_core.masks import mask_areas, mask_boxes, pairwise_intersection, pairwise_iou
 from esam_core.mmg import grid_points, mean_density, run_mmg, sort_levels
+from esam_core.nms import greedy_nms, mask_nms
 
 H, W = 40, 52
 
@@ -85,8 +79,8 @@ def test_areas_and_boxes_match_numpy():
 
 @pytest.mark.parametrize("block,budget", [(64, 1 << 24), (1, 1 << 24), (3, 1), (7, 5000)])
 def test_mask_nms_equals_dense_greedy_nms_on_random_masks(monkeypatch, block: int, budget: int):
-    monkeypatch.setattr(masks_mod, "_BLOCK", block)
-    monkeypatch.setattr(masks_mod, "_FLOAT_BUDGET", budget)  # 1: one column per product
+    monkeypatch.setattr(nms_mod, "_BLOCK", block)
+    monkeypatch.setattr(nms_mod, "_FLOAT_BUDGET", budget)  # 1: one column per product
     rng = np.random.default_rng(block)
     for _ in range(12):
         masks = random_masks(rng, int(rng.integers(1, 50)))
