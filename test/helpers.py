@@ -38,6 +38,17 @@ def box(c0: int, c1: int, r0: int = 0, r1: int = H) -> torch.Tensor:
     return m
 
 
+def random_boxes(rng: np.random.Generator, n: int, width: tuple[int, int],
+                 height: tuple[int, int]) -> list[torch.Tensor]:
+    """``n`` box masks at random corners, widths in ``width`` and heights in ``height`` (the
+    draws in a fixed order, so a seed gives the same boxes)."""
+    masks = []
+    for _ in range(n):
+        r0, c0 = int(rng.integers(0, H - 8)), int(rng.integers(0, W - 8))
+        masks.append(box(c0, c0 + int(rng.integers(*width)), r0, r0 + int(rng.integers(*height))))
+    return masks
+
+
 def gallery_config(**kw) -> Config:
     """Small gallery grid; keys use ``__`` for dots (``emr__tau=0.2``)."""
     values = {"gallery.points_per_side": 8, "model.points_per_batch": 16}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import H, W, band_scene, box, gallery_config
+from helpers import H, W, band_scene, box, gallery_config, random_boxes
 
 from esam_core import emr
 from esam_core.backends.scene import SceneBackend, random_scene
@@ -88,10 +88,7 @@ def test_no_prompt_in_overlap_uses_the_fallback(fallback: str):
 def test_split_never_overlaps_and_keeps_the_covered_area(assign: str, order: str, nested: str):
     gallery = Gallery(SceneBackend(random_scene(H, W, n_objects=8, seed=2)), gallery_config())
     rng = np.random.default_rng(5)
-    masks = []
-    for _ in range(12):
-        r0, c0 = int(rng.integers(0, H - 8)), int(rng.integers(0, W - 8))
-        masks.append(box(c0, c0 + int(rng.integers(6, 30)), r0, r0 + int(rng.integers(6, 24))))
+    masks = random_boxes(rng, 12, (6, 30), (6, 24))
     objects = mask_set(masks, rng.uniform(0.8, 1.0, 12).tolist())
     cfg = gallery_config(emr__overlap_assign=assign, emr__pair_order=order, emr__delta=0.1,
                          emr__nested=nested, emr__sliver_width=0.0)
@@ -210,10 +207,7 @@ def test_gallery_union_adds_unowned_gallery_cells():
 def test_lazy_and_eager_gallery_give_identical_split_and_merge():
     scene = random_scene(H, W, n_objects=8, seed=4)
     rng = np.random.default_rng(7)
-    masks = []
-    for _ in range(10):
-        r0, c0 = int(rng.integers(0, H - 8)), int(rng.integers(0, W - 8))
-        masks.append(box(c0, c0 + int(rng.integers(8, 32)), r0, r0 + int(rng.integers(8, 28))))
+    masks = random_boxes(rng, 10, (8, 32), (8, 28))
     objects = mask_set(masks, rng.uniform(0.8, 1.0, 10).tolist())
     gy, gx = np.meshgrid(np.arange(3, H, 6), np.arange(4, W, 8), indexing="ij")
     cells = (gy.ravel(), gx.ravel())

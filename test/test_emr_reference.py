@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import H, W, box, gallery_config
+from helpers import H, W, gallery_config, random_boxes
 from test_emr import mask_set
 
 from esam_core import emr
@@ -57,10 +57,7 @@ def test_split_equals_the_recounting_reference(assign: str, order: str, fallback
     # split_overlaps keeps areas on the host and counts IoUs from cell counts: same carving.
     scene = random_scene(H, W, n_objects=10, seed=3)
     rng = np.random.default_rng(11)
-    masks = []
-    for _ in range(14):
-        r0, c0 = int(rng.integers(0, H - 8)), int(rng.integers(0, W - 8))
-        masks.append(box(c0, c0 + int(rng.integers(6, 34)), r0, r0 + int(rng.integers(6, 30))))
+    masks = random_boxes(rng, 14, (6, 34), (6, 30))
     objects = mask_set(masks, rng.choice([0.85, 0.9, 0.95], 14).tolist())
     cfg = gallery_config(emr__overlap_assign=assign, emr__pair_order=order, emr__delta=0.08,
                          emr__no_prompt_fallback=fallback, emr__nested=nested,
