@@ -17,6 +17,8 @@ _CHUNK = 512
 #: Up to this many cells (512 MB of float32) masks are converted to float at once, not per block
 #: (the conversion costs more than the products on a CPU).
 _FLOAT_CACHE = 1 << 27
+#: Holder masks per chunk in ``region_containment`` (bounds a (h*w, chunk) float copy).
+_REGION_CHUNK = 256
 #: Count and bound CPU masks with numpy (faster than torch there); tests that stand a CPU in for a
 #: GPU turn it off to follow the device path.
 _NUMPY_ON_CPU = True
@@ -103,6 +105,52 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     x1 = torch.where(cols, ar_w, -1).amax(1) + 1
     boxes = torch.stack([x0, y0, x1, y1], 1).float()
     return torch.where(rows.any(1, keepdim=True), boxes, torch.zeros_like(boxes))
+
+
+def owner_map(own: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) bool disjoint masks -> (h, w) int64 owner index, -1 where no entity.
+
+    Raises:
+        ValueError: two entities share a cell.
+    """
+    return torch.from_numpy(owner_map_host(own)).to(own.device)
+
+
+def owner_map_host(own: torch.Tensor) -> np.ndarray:
+    """``owner_map`` as a host (h, w) int64 array, with one device read."""
+    n, h, w = own.shape
+    if n == 0:
+        return np.full((h, w), -1, dtype=np.int64)
+    count = own.sum(0, dtype=torch.int32)
+    first = own.view(torch.uint8).argmax(0)  # the owner where count == 1; no N x h x w copy
+    owner = torch.where(count == 1, first, torch.where(count == 0, -1, -2)).cpu().numpy()
+    if (owner == -2).any():
+        raise ValueError("entities overlap: USR needs a non-overlapping entity map")
+    return owner
+
+
+def region_containment(region_of_cell: torch.Tensor | np.ndarray, n_regions: int,
+                       holders: torch.Tensor) -> torch.Tensor:
+    """Cells of each region inside each holder mask.
+
+    Args:
+        region_of_cell: (h, w) int64 region index per cell, -1 outside every region (a tensor
+            or a host array).
+        holders: (H, h, w) bool masks.
+    Returns:
+        (R, H) float32 counts |region_r ∩ holder_j| (a scatter-add over cells, O(h·w·H)).
+    """
+    out = torch.zeros(n_regions, holders.shape[0], device=holders.device)
+    region = (region_of_cell.cpu().numpy() if isinstance(region_of_cell, torch.Tensor)
+              else np.asarray(region_of_cell)).reshape(-1)
+    inside = np.nonzero(region >= 0)[0]
+    if n_regions == 0 or inside.size == 0:
+        return out
+    cells, rows = torch.as_tensor(np.stack([inside, region[inside]]), device=holders.device)
+    flat = holders.flatten(1)[:, cells]  # (H, cells in regions)
+    for j in range(0, flat.shape[0], _REGION_CHUNK):
+        out[:, j:j + _REGION_CHUNK].index_add_(0, rows, flat[j:j + _REGION_CHUNK].T.float())
+    return out
 
 
 def to_cells(points_xy: np.ndarray, image_hw: tuple[int, int],

@@ -22,59 +22,16 @@ import torch
 
 from esam_core.backends.protocol import PromptBackend
 from esam_core.config import Config
-from esam_core.masks import cells_to_image, interior_point, mask_areas
+from esam_core.masks import (
+    cells_to_image,
+    interior_point,
+    mask_areas,
+    owner_map_host,
+    region_containment,
+)
 from esam_core.mmg import sort_levels
 from esam_core.superpixels import Superpixels
 from esam_core.types import Entities, MaskSet
-
-#: Holder masks per chunk in ``region_containment`` (bounds a (h*w, chunk) float copy).
-_CHUNK = 256
-
-
-def owner_map(own: torch.Tensor) -> torch.Tensor:
-    """(N, h, w) bool disjoint masks -> (h, w) int64 owner index, -1 where no entity.
-
-    Raises:
-        ValueError: two entities share a cell.
-    """
-    return torch.from_numpy(_owner_host(own)).to(own.device)
-
-
-def _owner_host(own: torch.Tensor) -> np.ndarray:
-    """``owner_map`` as a host array, with one device read."""
-    n, h, w = own.shape
-    if n == 0:
-        return np.full((h, w), -1, dtype=np.int64)
-    count = own.sum(0, dtype=torch.int32)
-    first = own.view(torch.uint8).argmax(0)  # the owner where count == 1; no N x h x w copy
-    owner = torch.where(count == 1, first, torch.where(count == 0, -1, -2)).cpu().numpy()
-    if (owner == -2).any():
-        raise ValueError("entities overlap: USR needs a non-overlapping entity map")
-    return owner
-
-
-def region_containment(region_of_cell: torch.Tensor | np.ndarray, n_regions: int,
-                       holders: torch.Tensor) -> torch.Tensor:
-    """Cells of each region inside each holder mask.
-
-    Args:
-        region_of_cell: (h, w) int64 region index per cell, -1 outside every region (a tensor
-            or a host array).
-        holders: (H, h, w) bool masks.
-    Returns:
-        (R, H) float32 counts |region_r ∩ holder_j| (a scatter-add over cells, O(h·w·H)).
-    """
-    out = torch.zeros(n_regions, holders.shape[0], device=holders.device)
-    region = (region_of_cell.cpu().numpy() if isinstance(region_of_cell, torch.Tensor)
-              else np.asarray(region_of_cell)).reshape(-1)
-    inside = np.nonzero(region >= 0)[0]
-    if n_regions == 0 or inside.size == 0:
-        return out
-    cells, rows = torch.as_tensor(np.stack([inside, region[inside]]), device=holders.device)
-    flat = holders.flatten(1)[:, cells]  # (H, cells in regions)
-    for j in range(0, flat.shape[0], _CHUNK):
-        out[:, j:j + _CHUNK].index_add_(0, rows, flat[j:j + _CHUNK].T.float())
-    return out
 
 
 def _prompts(region_cells: list[np.ndarray], lowres_hw: tuple[int, int], holders: MaskSet,
@@ -140,7 +97,7 @@ def refine_under_segmentation(entities: Entities, sp: Superpixels,
         if shape != (h, w):
             raise ValueError(f"{name} are {shape}, the working grid is {(h, w)}")
     device = sp.cells.device
-    owner = _owner_host(entities.own)  # host (h, w) int64, as the rest of the greedy state
+    owner = owner_map_host(entities.own)  # host (h, w) int64, as the rest of the greedy state
     flat_owner = owner.reshape(-1)
     cells = sp.cells.cpu().numpy().reshape(-1)
 

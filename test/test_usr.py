@@ -8,11 +8,11 @@ import torch
 
 from esam_core.backends.scene import Scene, SceneBackend
 from esam_core.config import Config
-from esam_core.masks import cells_to_image, interior_point
+from esam_core.masks import cells_to_image, interior_point, owner_map, region_containment
 from esam_core.mmg import sort_levels
 from esam_core.superpixels import superpixels_from_labels
 from esam_core.types import Entities, MaskSet
-from esam_core.usr import owner_map, refine_under_segmentation, region_containment
+from esam_core.usr import refine_under_segmentation
 
 
 class RecordingBackend(SceneBackend):
