@@ -35,7 +35,6 @@ def labels_of(msg) -> np.ndarray:
     return np.frombuffer(msg.data.tobytes(), "<u2").reshape(msg.height, msg.width)
 
 
-
 COLOR_HW, PLANE_M, BOX_M, FX = (48, 64), 1.5, 1.0, 50.0
 BOX = (slice(10, 30), slice(8, 28))  # rows, cols of a box in front of the plane
 

@@ -37,7 +37,6 @@ def test_output_topic_rule():
                    "/image": ("/entities", "/entity_labels")}
 
 
-
 def _copy_spot(dst: Path) -> Path:
     """The repository's own Spot sample bag (data/spot/raw_mcap) copied to ``dst``."""
     import shutil

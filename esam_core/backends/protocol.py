@@ -42,7 +42,6 @@ class Decoded:
         return self._foreground
 
 
-
 class PromptBackend(Protocol):
     """What the E-SAM algorithm needs from a promptable segmenter (SAM, or a test scene).
 

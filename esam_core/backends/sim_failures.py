@@ -46,7 +46,6 @@ class FailureRates:
 DEFAULT_RATES = FailureRates()
 
 
-
 def plan_failures(scene: SimScene, entity_map: np.ndarray, rates: FailureRates, seed: int
                   ) -> tuple[list[dict], dict[int, list[int]]]:
     """Which entities fail how (drawn once per seed), and their touching neighbours.

@@ -40,6 +40,7 @@ def covering_mask(gallery: Gallery, a: torch.Tensor, b: torch.Tensor) -> torch.T
     gallery.check(b, "b")
     return covering_masks(gallery, torch.stack([a, b]), np.array([[0, 1]]))[0]
 
+
 def covering_masks(gallery: Gallery, masks: torch.Tensor, pairs: np.ndarray
                    ) -> list[torch.Tensor | None]:
     """``covering_mask(masks[i], masks[j])`` for every row (i, j) of ``pairs`` (K, 2).
@@ -86,6 +87,7 @@ def covering_masks(gallery: Gallery, masks: torch.Tensor, pairs: np.ndarray
             out[plan.index] = gallery.store[int(plan.cand[0, k]), int(plan.cand[1, k])].clone()
     return out
 
+
 def _upload(plans: list[_Plan], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The plans' candidates (3, C) and counts (3,) on the device, in one transfer."""
     flat = np.concatenate([np.concatenate([p.counts, p.cand.ravel()]) for p in plans])
@@ -96,6 +98,7 @@ def _upload(plans: list[_Plan], device: torch.device) -> list[tuple[torch.Tensor
         out.append((up[off + 3:off + 3 + 3 * c].view(3, c), up[off:off + 3]))
         off += 3 + 3 * c
     return out
+
 
 def _cover_smaller(gallery: Gallery, masks: torch.Tensor, plans: list[_Plan]) -> list[_Plan]:
     """``cover_each`` pre-test: candidates that cover enough of the smaller mask, counted
@@ -114,6 +117,7 @@ def _cover_smaller(gallery: Gallery, masks: torch.Tensor, plans: list[_Plan]) ->
         if k.any():
             out.append(plan._replace(cand=plan.cand[:, k]))
     return out
+
 
 def _cover_plan(gallery: Gallery, index: int, pair: tuple[int, int], a: np.ndarray,
                 b: np.ndarray) -> _Plan | None:

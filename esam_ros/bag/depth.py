@@ -27,6 +27,7 @@ from esam_ros.images.depth import depth_from_message, stamp_s
 
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 
+
 @dataclass(frozen=True)
 class CameraInfo:
     stamp: float

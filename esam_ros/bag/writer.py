@@ -51,7 +51,6 @@ def output_typestore() -> Typestore:
     return store
 
 
-
 class OutputBag:
     """A rosbag2 (version 9) for replay results; use as a context manager.
 
