@@ -21,7 +21,6 @@ from esam_core.backends.protocol import PromptBackend
 from esam_core.config import Config
 from esam_core.masks import mask_areas, pairwise_intersection, pairwise_iou, to_cells
 from esam_core.nms import greedy_nms, mask_nms
-from esam_core.types import pick
 
 #: Index of the object-level and best-level mask in the per-prompt storage.
 OBJECT, BEST = 0, 1
@@ -35,10 +34,12 @@ _DENSE_MAX = 512
 class Gallery:
     """Per-prompt O/B masks and scores of the ``gallery.points_per_side`` grid.
 
-    Storage is a preallocated, uninitialised (P, 2, h, w) bool tensor on the device, filled as
-    prompts are decoded (never the 3 outputs' float logits of all prompts). The (P, 2) scores and
-    areas live on the host: every decision reads them, and a host copy costs one transfer per
-    decoded batch instead of one blocking read per decision.
+    Storage is the foreground of each decoded batch, (c, 3, h, w) bool on the device, kept as the
+    decoder's thresholding left it (never the float logits): copying the O and B masks into one
+    (P, 2, h, w) store cost more than the lookups, half of it in first touches of fresh pages.
+    The masks of a prompt are found by its batch, row and the output index of O and B. The (P, 2)
+    scores and areas live on the host: every decision reads them, and a host copy costs one
+    transfer per decoded batch instead of one blocking read per decision.
 
     Attributes:
         points: (P, 2) float64 prompt positions (x, y) in image pixels, AMG's grid order.
@@ -56,13 +57,15 @@ class Gallery:
         n = int(cfg["gallery.points_per_side"])
         self.points = build_point_grid(n) * np.array([ww, hh], dtype=np.float64)
         self.cells = to_cells(self.points, (hh, ww), (h, w))
-        dev = backend.device
-        self._rows = torch.as_tensor(self.cells[0], device=dev)
-        self._cols = torch.as_tensor(self.cells[1], device=dev)
+        self.device = backend.device
+        self._rows = torch.as_tensor(self.cells[0], device=self.device)
+        self._cols = torch.as_tensor(self.cells[1], device=self.device)
         p = len(self.points)
-        # Uninitialised: only decoded prompts are ever read (masks() decodes first), and a lazy
-        # gallery never touches the pages of the prompts it does not need.
-        self._masks = torch.empty((p, 2, h, w), dtype=torch.bool, device=dev)
+        self._batches: list[torch.Tensor] = []  # (c * 3, h, w) foreground of each decoded batch
+        self._starts = [0]  # row of each batch's first mask in all batches' rows, in order
+        self._batch_of = np.zeros(p, dtype=np.int64)  # host: each prompt's batch, and the rows
+        self._level_rows = np.zeros((p, 2), dtype=np.int64)  # of its O and B masks (global)
+        self._stacked: torch.Tensor | None = None
         self._scores = np.zeros((p, 2), dtype=np.float32)  # host: S^64O, S^64B
         self._areas = np.zeros((p, 2), dtype=np.int64)  # host: |O|, |B|
         self.decoded = np.zeros(p, dtype=bool)
@@ -85,15 +88,17 @@ class Gallery:
             part = todo[start:start + batch]
             decoded = self.backend.decode_points(self.points[part])
             levels, scores, areas = mmg.object_and_best(decoded)
-            rows = torch.arange(len(part), device=levels.device)
-            at = torch.as_tensor(part, device=self._masks.device) * 2
-            store = self._masks.view(-1, *self._hw)  # (2P, h, w): row 2p + level
-            for k in (OBJECT, BEST):  # straight into the store, whole rows at a time
-                store.index_copy_(0, at + k, pick(decoded.foreground, rows, levels[:, k]))
-            # One transfer for both (float64 holds the float32 scores and the counts exactly).
-            host = torch.cat([scores.double(), areas.double()], 1).cpu().numpy()
+            fg = decoded.foreground
+            self._batches.append(fg.reshape(-1, *fg.shape[2:]))
+            self._starts.append(self._starts[-1] + self._batches[-1].shape[0])
+            self._stacked = None
+            # One transfer for all three (float64 holds the scores, counts and indices exactly).
+            host = torch.cat([scores.double(), areas.double(), levels.double()], 1).cpu().numpy()
             self._scores[part] = host[:, :2]
-            self._areas[part] = host[:, 2:]
+            self._areas[part] = host[:, 2:4]
+            self._batch_of[part] = len(self._batches) - 1
+            outputs = host[:, 4:].astype(np.int64)  # output index of O and B: row 3 * i + index
+            self._level_rows[part] = self._starts[-2] + 3 * np.arange(len(part))[:, None] + outputs
             self.decoded[part] = True
 
     def _check(self, region: torch.Tensor | np.ndarray, name: str = "region") -> None:
@@ -108,13 +113,37 @@ class Gallery:
         ``idx`` (decoding them)."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         self.decode(idx)
-        t = torch.as_tensor(idx, device=self._masks.device)
-        return self._masks[t], torch.from_numpy(self._scores[idx])
+        both = self.level_masks(np.repeat(idx, 2), np.tile([OBJECT, BEST], idx.size))
+        return both.view(idx.size, 2, *self._hw), torch.from_numpy(self._scores[idx])
 
-    @property
-    def store(self) -> torch.Tensor:
-        """(P, 2, h, w) bool O and B masks of every prompt (only decoded rows are valid)."""
-        return self._masks
+    def level_masks(self, idx: np.ndarray, level: np.ndarray) -> torch.Tensor:
+        """(n, h, w) bool: mask ``level[k]`` (OBJECT or BEST) of decoded prompt ``idx[k]``."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        level = np.asarray(level, dtype=np.int64).reshape(-1)
+        batch = self._batch_of[idx]
+        rows = self._level_rows[idx, level] - np.asarray(self._starts)[batch]
+        used = np.unique(batch)
+        if used.size == 1:  # the usual case: one gather
+            return self._batches[int(used[0])].index_select(
+                0, torch.as_tensor(rows, device=self.device))
+        out = torch.empty((idx.size, *self._hw), dtype=torch.bool, device=self.device)
+        for b in used.tolist():
+            at = np.nonzero(batch == b)[0]
+            out.index_copy_(0, torch.as_tensor(at, device=self.device), self._batches[b]
+                            .index_select(0, torch.as_tensor(rows[at], device=self.device)))
+        return out
+
+    def rows(self, idx: np.ndarray, level: np.ndarray) -> np.ndarray:
+        """(n,) int64 host rows of ``stacked()`` holding mask ``level[k]`` of prompt ``idx[k]``."""
+        return self._level_rows[np.asarray(idx, dtype=np.int64), np.asarray(level, dtype=np.int64)]
+
+    def stacked(self) -> torch.Tensor:
+        """(R, h, w) bool: the masks of every decoded batch in one tensor (one copy, kept until
+        the next decode), for callers that index many prompts' masks on the device at once."""
+        if self._stacked is None:
+            self._stacked = (torch.cat(self._batches) if self._batches else
+                             torch.zeros((0, *self._hw), dtype=torch.bool, device=self.device))
+        return self._stacked
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -169,12 +198,11 @@ class Gallery:
         gscores = scores[np.arange(idx.size), level]
         best = 0  # a single prompt is its own group
         if idx.size > 1:
-            t = torch.as_tensor(np.stack([idx, level]), device=self._masks.device)
-            kept, assign = self._group(pick(self._masks, t[0], t[1]), gscores)
+            kept, assign = self._group(self.level_masks(idx, level), gscores)
             counts = np.bincount(assign, minlength=idx.size)
             # kept is in descending score order, so the first maximum breaks count ties by score.
             best = int(kept[int(np.argmax(counts[kept]))])
-        return self._masks[int(idx[best]), int(level[best])].clone(), float(gscores[best])
+        return self.level_masks(idx[best:best + 1], level[best:best + 1])[0], float(gscores[best])
 
     def _group(self, guides: torch.Tensor, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Eq.6 grouping of (n, h, w) guidance masks: NMS ``keep`` and ``assign`` (host)."""

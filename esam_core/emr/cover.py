@@ -69,8 +69,9 @@ def covering_masks(gallery: Gallery, masks: torch.Tensor, pairs: np.ndarray
     if not live:
         return out
     found = []
-    for plan, (cand, counts) in zip(live, _upload(live, gallery.store.device)):
-        crop = gallery.store[(cand[0], cand[1]) + plan.box]  # (C, h', w')
+    stacked = gallery.stacked()  # every candidate is decoded by now
+    for plan, (cand, counts) in zip(live, _upload(live, gallery)):
+        crop = stacked[(cand[0],) + plan.box]  # (C, h', w')
         ref = torch.stack([masks[k] for k in plan.pair])[(slice(None),) + plan.box]
         # |g ∩ a|, |g ∩ b|, |g ∩ (a ∪ b)| on the box of a ∪ b; |g| from the stored areas.
         inter = pairwise_intersection(crop, torch.cat([ref, ref.any(0, keepdim=True)]))
@@ -84,14 +85,16 @@ def covering_masks(gallery: Gallery, masks: torch.Tensor, pairs: np.ndarray
         found.append(torch.stack([torch.where(ok, iou_u, -1.0).argmax(), ok.any().long()]))
     for plan, (k, hit) in zip(live, torch.stack(found).cpu().numpy()):
         if hit:
-            out[plan.index] = gallery.store[int(plan.cand[0, k]), int(plan.cand[1, k])].clone()
+            out[plan.index] = stacked[int(gallery.rows(plan.cand[0, k], plan.cand[1, k]))].clone()
     return out
 
 
-def _upload(plans: list[_Plan], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The plans' candidates (3, C) and counts (3,) on the device, in one transfer."""
-    flat = np.concatenate([np.concatenate([p.counts, p.cand.ravel()]) for p in plans])
-    up = torch.as_tensor(flat, device=device)
+def _upload(plans: list[_Plan], gallery: Gallery) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The plans' candidates (3, C): row in ``gallery.stacked()``, level and area, and counts
+    (3,) on the device, in one transfer."""
+    flat = np.concatenate([np.concatenate([p.counts, gallery.rows(*p.cand[:2]), p.cand[1:].ravel()])
+                           for p in plans])
+    up = torch.as_tensor(flat, device=gallery.device)
     out, off = [], 0
     for p in plans:
         c = p.cand.shape[1]
@@ -104,9 +107,10 @@ def _cover_smaller(gallery: Gallery, masks: torch.Tensor, plans: list[_Plan]) ->
     """``cover_each`` pre-test: candidates that cover enough of the smaller mask, counted
     exactly on its (small) box. The final test repeats it, so only failures are dropped."""
     flags = []
-    for plan, (cand, counts) in zip(plans, _upload(plans, gallery.store.device)):
+    stacked = gallery.stacked()
+    for plan, (cand, counts) in zip(plans, _upload(plans, gallery)):
         small = masks[plan.pair[plan.small]][plan.small_box]
-        crop = gallery.store[(cand[0], cand[1]) + plan.small_box]
+        crop = stacked[(cand[0],) + plan.small_box]
         share = pairwise_intersection(crop, small[None])[:, 0] / counts[plan.small].float()
         flags.append(share >= gallery.cfg["emr.gallery_cover"])
     keep = torch.cat(flags).cpu().numpy()
