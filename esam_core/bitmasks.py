@@ -17,9 +17,14 @@ _WORDS = 1 << 23
 ENABLED = hasattr(np, "bitwise_count")
 
 
+def pack_applies(masks: torch.Tensor) -> bool:
+    """Whether ``pack`` packs these masks (bool, on the CPU, numpy with ``bitwise_count``)."""
+    return ENABLED and masks.device.type == "cpu" and masks.dtype == torch.bool
+
+
 def pack(masks: torch.Tensor) -> np.ndarray | None:
     """(M, h, w) bool CPU masks -> (M, W) uint64 rows of packed bits; None off the CPU path."""
-    if not ENABLED or masks.device.type != "cpu" or masks.dtype != torch.bool:
+    if not pack_applies(masks):
         return None
     m = masks.shape[0]
     cells = masks.shape[1] * masks.shape[2] if masks.ndim == 3 else masks.shape[1]

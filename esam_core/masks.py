@@ -60,15 +60,26 @@ def pairwise_intersection(a: torch.Tensor, b: torch.Tensor,
         if pa is not None and pb is not None:  # the CPU: count bits, no float conversion
             return torch.from_numpy(bitmasks.intersections(pa, pb).astype(np.float32))
     bf = b.flatten(1).float().T  # (hw, K)
-    af = a_float if a_float is not None else a.flatten(1)
-    rows = [af[i:i + _CHUNK].float() @ bf for i in range(0, a.shape[0], _CHUNK)]
+    if a_float is not None:
+        return torch.cat([a_float[i:i + _CHUNK] @ bf for i in range(0, a.shape[0], _CHUNK)])
+    af = a.flatten(1)
+    # One chunk buffer, refilled: a fresh float copy per chunk costs its page faults too. The
+    # products have the same shapes as with a_float, so the same float32 sums.
+    buf = torch.empty((min(_CHUNK, af.shape[0]), af.shape[1]), device=a.device)
+    rows = []
+    for i in range(0, a.shape[0], _CHUNK):
+        chunk = buf[:min(_CHUNK, a.shape[0] - i)]
+        rows.append(chunk.copy_(af[i:i + _CHUNK]) @ bf)
     return torch.cat(rows)
 
 
 def float_masks(masks: torch.Tensor) -> torch.Tensor | None:
     """(M, h*w) float32 copy of (M, h, w) bool masks for repeated products, or None when it would
-    exceed ``_FLOAT_CACHE`` cells (callers then convert chunk by chunk)."""
-    return masks.flatten(1).float() if masks.numel() <= _FLOAT_CACHE else None
+    exceed ``_FLOAT_CACHE`` cells or the CPU counts packed bits instead (callers then convert
+    chunk by chunk where they need floats)."""
+    if masks.numel() > _FLOAT_CACHE or (_NUMPY_ON_CPU and bitmasks.pack_applies(masks)):
+        return None
+    return masks.flatten(1).float()
 
 
 def _iou_from(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor) -> torch.Tensor:

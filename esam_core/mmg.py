@@ -174,7 +174,7 @@ def adaptive_nms(ms: MaskSet, density: torch.Tensor, cfg: Config) -> MaskSet:
 def _adaptive_keep(masks: torch.Tensor, scores: torch.Tensor, density: torch.Tensor,
                    cfg: Config) -> torch.Tensor:
     """``adaptive_nms`` on bare masks: (K,) int64 kept indices by descending score."""
-    as_float = float_masks(masks)  # one conversion for the density and the NMS products
+    as_float = float_masks(masks)  # one conversion for the density and the NMS products (GPU)
     thr = mean_density(masks, density, as_float).clamp(min=float(cfg["mmg.adaptive_nms.base"]))
     return mask_nms(masks, scores, thr, iou=cfg["mmg.nms_iou"], masks_float=as_float)[0]
 
