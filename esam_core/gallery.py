@@ -116,6 +116,10 @@ class Gallery:
         both = self.level_masks(np.repeat(idx, 2), np.tile([OBJECT, BEST], idx.size))
         return both.view(idx.size, 2, *self._hw), torch.from_numpy(self._scores[idx])
 
+    def scores(self, idx: np.ndarray) -> np.ndarray:
+        """(n, 2) float32 host S^64O, S^64B of decoded prompts ``idx``."""
+        return self._scores[np.asarray(idx, dtype=np.int64)]
+
     def level_masks(self, idx: np.ndarray, level: np.ndarray) -> torch.Tensor:
         """(n, h, w) bool: mask ``level[k]`` (OBJECT or BEST) of decoded prompt ``idx[k]``."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)

@@ -92,14 +92,14 @@ class _Pieces:
             step = min(need_yes - yes, need_no - no)  # the fewest prompts that could decide
             chunk = idx[done:done + step]
             done += chunk.size
-            masks, scores = self.gallery.masks(chunk)  # (c, 2, h, w), host (c, 2)
-            level = self._levels(scores.numpy())
-            rows = torch.arange(chunk.size, device=masks.device)
-            picked = masks[rows, torch.as_tensor(level, device=masks.device)]
+            self.gallery.decode(chunk)
+            scores = self.gallery.scores(chunk)  # host (c, 2)
+            level = self._levels(scores)
+            picked = self.gallery.level_masks(chunk, level)  # (c, h, w): only the voting level
             share = (pairwise_intersection(picked, targets).cpu().numpy() / areas[None])
             ok = (share >= self.cover).all(1)
             yes, no = yes + int(ok.sum()), no + int((~ok).sum())
-            picked_scores = scores.numpy()[np.arange(chunk.size), level]
+            picked_scores = scores[np.arange(chunk.size), level]
             for c in np.nonzero(ok)[0]:
                 if best is None or picked_scores[c] > best[0]:
                     best = (float(picked_scores[c]), picked[c])
