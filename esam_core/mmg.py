@@ -55,7 +55,9 @@ class MMGResult:
     Attributes:
         objects: M̂^32, the object masks kept by Eq.2, by descending predicted IoU.
         parts, subparts: M_P^32 and M_SP^32 after the Eq.4 adaptive NMS. Only USR reads them
-            (for its prompts), so they are computed on first access, with the Eq.3 density.
+            (for its prompts), so they are computed on first access, with the Eq.3 density
+            (``esam_core.holders`` answers USR's question without running Eq.4 on all).
+        levels: the Eq.1 levels after ``prefilter`` (Eq.4's input).
         counts: masks before and after each step (``object_in``, ``object_nms``, ``objects``;
             ``parts_in``, ``parts``, ... once the part levels are computed).
     """
@@ -63,9 +65,15 @@ class MMGResult:
     def __init__(self, objects: MaskSet, levels: LevelMasks,
                  density: torch.Tensor | Callable[[], torch.Tensor], cfg: Config,
                  counts: dict[str, int]) -> None:
-        self.objects, self.counts = objects, counts
-        self._levels, self._density, self._cfg = levels, density, cfg
+        self.objects, self.counts, self.levels = objects, counts, levels
+        self._density, self._cfg = density, cfg
         self._parts: tuple[MaskSet, MaskSet] | None = None
+
+    def density(self) -> torch.Tensor:
+        """The Eq.3 density map (h, w) float32, computed on first use."""
+        if callable(self._density):
+            self._density = self._density()
+        return self._density
 
     @property
     def parts(self) -> MaskSet:
@@ -78,9 +86,9 @@ class MMGResult:
     def _part_levels(self) -> tuple[MaskSet, MaskSet]:
         """Eq.4 on the part and subpart levels, once."""
         if self._parts is None:
-            density = self._density() if callable(self._density) else self._density
+            density = self.density()
             out = []
-            for name, ms in (("parts", self._levels.part), ("subparts", self._levels.subpart)):
+            for name, ms in (("parts", self.levels.part), ("subparts", self.levels.subpart)):
                 fg = ms.masks
                 ne = _non_empty(fg)
                 self.counts[f"{name}_in"] = len(ne)

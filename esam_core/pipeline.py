@@ -21,6 +21,7 @@ from esam_core import emr, mmg, usr
 from esam_core.backends.protocol import PromptBackend
 from esam_core.config import PARAMETERS, Config, ConfigError
 from esam_core.gallery import Gallery
+from esam_core.holders import LazyHolders, usr_holders
 from esam_core.labels import build_label_map, entity_scores, paint_entities, paint_masks
 from esam_core.masks import to_cells
 from esam_core.stages import Cancelled, CountingBackend, Prepared, Stages
@@ -195,8 +196,8 @@ class EntitySegmenter:
                 result = mmg.run_mmg(levels, partial(density_map, sp, cfg), cfg)
                 objects = result.objects
 
-                def holders() -> MaskSet:  # Eq.3-4 only if USR needs prompts (in its time)
-                    return MaskSet.concat(result.parts, result.subparts)
+                def holders() -> MaskSet | LazyHolders:  # Eq.3-4 only if USR needs prompts
+                    return usr_holders(result, cfg)
             else:  # Table 3 rows without MMG: EMR and USR start from AMG's output
                 objects = holders = mmg.amg_masks(decoded, cfg)
             stages.counts["objects"] = len(objects)

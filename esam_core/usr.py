@@ -16,12 +16,14 @@ device read; the device keeps the logits, updated once at the end.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
 
 from esam_core.backends.protocol import PromptBackend
 from esam_core.config import Config
+from esam_core.holders import LazyHolders
 from esam_core.masks import (
     cells_to_image,
     interior_point,
@@ -34,31 +36,43 @@ from esam_core.superpixels import Superpixels
 from esam_core.types import Entities, MaskSet
 
 
-def _prompts(region_cells: list[np.ndarray], lowres_hw: tuple[int, int], holders: MaskSet,
-             region_of_cell: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+def _choose(holders: MaskSet, region_of_cell: np.ndarray, sizes: np.ndarray, cfg: Config
+            ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Per region the containing holder USR prompts in: (R,) int64 holder index (-1 = none) and
+    the chosen holders' (h, w) host masks by index (``LazyHolders.choose`` for a mask set)."""
+    n = sizes.size
+    holder_idx = np.full(n, -1, dtype=np.int64)
+    if not len(holders):
+        return holder_idx, {}
+    hmasks = holders.masks
+    inter = region_containment(region_of_cell, n, hmasks)
+    # One read for both (float32 holds the cell counts exactly).
+    host = torch.cat([inter, mask_areas(hmasks).float()[None]]).cpu().numpy()
+    inter, areas = host[:-1], host[-1].astype(np.float64)
+    contained = inter >= float(cfg["usr.containment_thresh"]) * sizes[:, None]
+    # Smallest containing mask = the most specific one; "largest" is the ablation.
+    key = areas if cfg["usr.containing_mask"] == "smallest" else -areas
+    ranked = np.where(contained, key[None, :], np.inf)
+    has = contained.any(1)
+    holder_idx[has] = ranked[has].argmin(1)
+    used = np.unique(holder_idx[has])
+    if not used.size:
+        return holder_idx, {}
+    picked = hmasks[torch.as_tensor(used, device=hmasks.device)].cpu().numpy()  # one read
+    return holder_idx, dict(zip(used.tolist(), picked))
+
+
+def _prompts(region_cells: list[np.ndarray], lowres_hw: tuple[int, int],
+             holders: MaskSet | LazyHolders, region_of_cell: np.ndarray, cfg: Config
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Eq.9: one prompt cell per region. Returns (R, 2) int64 (row, col) and (R,) holder index
     used (-1 = the region's own interior point)."""
     h, w = lowres_hw
     n = len(region_cells)
-    holder_idx = np.full(n, -1, dtype=np.int64)
-    cache: dict[int, tuple[int, int] | None] = {}
-    if len(holders):
-        hmasks = holders.masks
-        inter = region_containment(region_of_cell, n, hmasks)
-        # One read for both (float32 holds the cell counts exactly).
-        host = torch.cat([inter, mask_areas(hmasks).float()[None]]).cpu().numpy()
-        inter, areas = host[:-1], host[-1].astype(np.float64)
-        sizes = np.array([c.size for c in region_cells], dtype=np.float64)
-        contained = inter >= float(cfg["usr.containment_thresh"]) * sizes[:, None]
-        # Smallest containing mask = the most specific one; "largest" is the ablation.
-        key = areas if cfg["usr.containing_mask"] == "smallest" else -areas
-        ranked = np.where(contained, key[None, :], np.inf)
-        has = contained.any(1)
-        holder_idx[has] = ranked[has].argmin(1)
-        used = np.unique(holder_idx[has])
-        if used.size:  # the holders that give prompts, in one read
-            picked = hmasks[torch.as_tensor(used, device=hmasks.device)].cpu().numpy()
-            cache = {int(j): interior_point(m) for j, m in zip(used, picked)}
+    sizes = np.array([c.size for c in region_cells], dtype=np.float64)
+    choose = holders.choose if isinstance(holders, LazyHolders) else partial(_choose, holders)
+    holder_idx, picked = choose(region_of_cell, sizes, cfg)
+    cache = {j: interior_point(m) for j, m in picked.items()}
     cells = np.zeros((n, 2), dtype=np.int64)
     for r in range(n):
         j = int(holder_idx[r])
@@ -73,7 +87,8 @@ def _prompts(region_cells: list[np.ndarray], lowres_hw: tuple[int, int], holders
 
 
 def refine_under_segmentation(entities: Entities, sp: Superpixels,
-                              holders: MaskSet | Callable[[], MaskSet], backend: PromptBackend,
+                              holders: MaskSet | LazyHolders | Callable[[], MaskSet | LazyHolders],
+                              backend: PromptBackend,
                               cfg: Config) -> tuple[Entities, dict[str, int]]:
     """Eq.9–10: fill the superpixels that ``entities`` leave (mostly) uncovered.
 

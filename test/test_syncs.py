@@ -186,7 +186,7 @@ def count_syncs(mp: pytest.MonkeyPatch, cfg: Config, scene: Scene, scale: float,
                              (mmg.MMGResult, "_part_levels", "mmg_parts")):
         mp.setattr(mod, name, staged(stage, getattr(mod, name)))
     mp.setattr(Gallery, "guidance_for_prompts", event("guided", Gallery.guidance_for_prompts))
-    mp.setattr(Gallery, "masks", event("voted", Gallery.masks))
+    mp.setattr(Gallery, "scores", event("voted", Gallery.scores))  # once per Eq.8 vote chunk
     mp.setattr(Gallery, "prompts_in", event("regions", Gallery.prompts_in))
     mp.setattr(emr_merge, "covering_masks", event("candidates", emr_merge.covering_masks,
                                                   lambda gallery, masks, pairs: len(pairs)))

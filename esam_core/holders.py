@@ -1,0 +1,174 @@
+"""USR's holder masks (Eq.9): for each remaining region, the smallest part/subpart mask kept by
+Eq.4 that contains it.
+
+USR reads Eq.4's output only through this question, and a region is contained by few masks, so
+on the CPU the adaptive NMS is not run over the whole level: ``LazyKeep`` decides, for just the
+candidates asked about, whether the full NMS would keep them, with the same answer. A mask is kept
+iff no *kept* mask earlier in score order reaches its IoU threshold with it; the earlier masks
+are resolved the same way on demand (memoised). The Eq.4 threshold of a mask, max(base, mean
+density), is bounded in float64 first; only when an IoU falls inside that bound is the exact
+float32 value computed, as ``mmg.mean_density`` computes it for the whole level.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from esam_core import bitmasks
+from esam_core import masks as _masks  # _NUMPY_ON_CPU is read at call time (tests switch it)
+from esam_core.config import Config
+from esam_core.masks import mask_areas, region_containment
+from esam_core.mmg import MMGResult, mean_density
+from esam_core.types import MaskSet
+
+#: A float32 dot product of K terms errs by at most K units in the last place of the sum of
+#: their magnitudes (ulp = 2^-24 relative), so the exact threshold lies in this band around the
+#: float64 mean.
+_ULP = 2.0 ** -24
+
+
+class LazyKeep:
+    """Eq.4's keep decision for single masks of one level, equal to ``mmg._adaptive_keep``.
+
+    Args:
+        masks: (M, h, w) bool non-empty CPU masks of one level.
+        scores: (M,) predicted IoU; visited by descending score, ties in index order.
+        density: (h, w) float32 Eq.3 density map.
+        base: ``mmg.adaptive_nms.base`` (> 0).
+    """
+
+    def __init__(self, masks: torch.Tensor, scores: torch.Tensor, density: torch.Tensor,
+                 base: float) -> None:
+        self.masks, self.density = masks, density
+        self.m = masks.shape[0]
+        self.bits = bitmasks.pack(masks)
+        self.area = mask_areas(masks).numpy()
+        self.rank = np.empty(self.m, dtype=np.int64)
+        self.order = np.argsort(-scores.cpu().numpy(), kind="stable")
+        self.rank[self.order] = np.arange(self.m)
+        self.base = np.float32(base)
+        self._dens64 = density.cpu().numpy().astype(np.float64).reshape(-1)
+        self._flat = masks.reshape(self.m, masks.shape[1] * masks.shape[2]).numpy()
+        self._band: dict[int, tuple[float, float]] = {}
+        self._exact: np.ndarray | None = None
+        self.resolved: dict[int, bool] = {}  # mask -> kept, for the masks decided so far
+
+    def _threshold_band(self, i: int) -> tuple[float, float]:
+        """(lo, hi) with lo <= Eq.4's float32 threshold of mask i <= hi."""
+        if self._exact is not None:
+            t = float(self._exact[i])
+            return t, t
+        if i not in self._band:
+            cells = self._flat[i].size
+            mean = float(self._dens64[self._flat[i]].sum()) / max(int(self.area[i]), 1)
+            tol = (cells + 2) * _ULP * mean + 1e-12
+            self._band[i] = (max(float(self.base), mean - tol), max(float(self.base), mean + tol))
+        return self._band[i]
+
+    def _exact_thresholds(self) -> np.ndarray:
+        """The level's thresholds exactly as the full NMS computes them (rarely needed)."""
+        if self._exact is None:
+            mean = mean_density(self.masks, self.density)
+            self._exact = mean.clamp(min=float(self.base)).numpy()
+        return self._exact
+
+    def _hitters(self, c: int) -> np.ndarray:
+        """Masks earlier than c in score order whose IoU with c reaches their threshold, in score
+        order."""
+        earlier = self.order[:self.rank[c]]
+        a_c, a_e = self.area[c], self.area[earlier]
+        # IoU <= smaller / larger area, and every threshold is >= base.
+        feasible = earlier[np.minimum(a_c, a_e) >= (float(self.base) - 1e-6) * np.maximum(a_c, a_e)]
+        if feasible.size == 0:
+            return feasible
+        inter = bitmasks.intersections(self.bits[c:c + 1], self.bits[feasible])[0]
+        # pairwise_iou's float32 formula (integer counts below 2^24 are exact in float32).
+        inter32 = inter.astype(np.float32)
+        union = self.area[feasible].astype(np.float32) + np.float32(a_c) - inter32
+        iou = inter32 / np.maximum(union, np.float32(1.0))
+        hits = []
+        for k in np.nonzero(iou >= self.base)[0].tolist():  # below base: below every threshold
+            i = int(feasible[k])
+            lo, hi = self._threshold_band(i)
+            if iou[k] >= hi or (iou[k] >= lo and iou[k] >= self._exact_thresholds()[i]):
+                hits.append(i)
+        return np.asarray(hits, dtype=np.int64)
+
+    def kept(self, c: int) -> bool:
+        """Whether Eq.4's greedy NMS keeps mask c."""
+        stack = [c]
+        pending: dict[int, list[int]] = {}
+        while stack:
+            j = stack[-1]
+            if j in self.resolved:
+                stack.pop()
+                continue
+            if j not in pending:
+                pending[j] = self._hitters(j).tolist()
+            todo = pending[j]
+            while todo and todo[0] in self.resolved and not self.resolved[todo[0]]:
+                todo.pop(0)  # a suppressed hitter suppresses nothing
+            if not todo:
+                self.resolved[j] = True
+            elif todo[0] in self.resolved:  # a kept earlier mask reaches j: suppressed
+                self.resolved[j] = False
+            else:
+                stack.append(todo[0])  # resolve the earliest open hitter first
+                continue
+            stack.pop()
+        return self.resolved[c]
+
+
+def usr_holders(result: MMGResult, cfg: Config) -> MaskSet | LazyHolders:
+    """USR's holders from MMG's result: ``LazyHolders`` on the CPU (packed bits), else the two
+    levels after Eq.4 (on a GPU the whole NMS costs a few batched products, no per-mask reads)."""
+    levels = (result.levels.part, result.levels.subpart)
+    cpu = all(ms.iou.device.type == "cpu" for ms in levels)
+    mask_iou_nms = cfg["mmg.nms_iou"] == "mask" and cfg["mmg.adaptive_nms.base"] > 0
+    if cpu and _masks._NUMPY_ON_CPU and bitmasks.ENABLED and mask_iou_nms:
+        return LazyHolders(list(levels), result.density(), cfg, result.counts)
+    return MaskSet.concat(result.parts, result.subparts)
+
+
+class LazyHolders:
+    """M_P^32 ∪ M_SP^32 as USR asks for them: the part level's kept masks, then the subpart
+    level's, each in score order (the order ``MaskSet.concat(result.parts, result.subparts)``
+    has), without running Eq.4 on every mask."""
+
+    def __init__(self, levels: list[MaskSet], density: torch.Tensor, cfg: Config,
+                 counts: dict[str, int] | None = None) -> None:
+        self.masks, self.keep = [], []
+        for ms in levels:
+            fg = ms.masks
+            ne = torch.nonzero(fg.flatten(1).any(1))[:, 0]  # Eq.4 runs on the non-empty masks
+            self.masks.append(fg if ne.numel() == fg.shape[0] else fg[ne])
+            self.keep.append(LazyKeep(self.masks[-1], ms.iou[ne], density,
+                                      float(cfg["mmg.adaptive_nms.base"])))
+        self.hw = tuple(levels[0].hw)
+        self.counts = {} if counts is None else counts
+        self.counts["parts_in"], self.counts["subparts_in"] = (len(m) for m in self.masks)
+
+    def choose(self, region_of_cell: np.ndarray, sizes: np.ndarray, cfg: Config
+               ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Per region (``sizes`` (R,) cells) the holder USR prompts in: (R,) int64 id (-1 =
+        none) and the chosen holders' (h, w) host masks by id, as ``usr._choose`` on the
+        full mask set chooses them."""
+        n_regions = sizes.size
+        thresh = float(cfg["usr.containment_thresh"])
+        cands = []  # (key, level, rank, level index, mask index) per containing mask and region
+        for lv, (masks, keep) in enumerate(zip(self.masks, self.keep)):
+            inter = region_containment(region_of_cell, n_regions, masks).numpy()
+            area = keep.area.astype(np.float64)
+            key = area if cfg["usr.containing_mask"] == "smallest" else -area
+            r, j = np.nonzero(inter >= thresh * sizes[:, None])
+            cands.extend(zip(r.tolist(), key[j].tolist(), [lv] * r.size,
+                             keep.rank[j].tolist(), j.tolist()))
+        chosen = np.full(n_regions, -1, dtype=np.int64)
+        found: dict[int, np.ndarray] = {}
+        for r, _, lv, _, j in sorted(cands):  # by region, then as USR ranks holders
+            if chosen[r] < 0 and self.keep[lv].kept(j):
+                chosen[r] = lv * len(self.masks[0]) + j  # an id of (level, mask)
+                found.setdefault(int(chosen[r]), self.masks[lv][j].numpy())
+        self.counts["eq4_resolved"] = sum(len(k.resolved) for k in self.keep)
+        return chosen, found
