@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", choices=_REAL_MODELS, metavar="MODEL",
                    help="real-size model with random weights, timing only: "
                         f"{', '.join(_REAL_MODELS)} (default: off)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic scene (simulator and scene backends)")
     p.add_argument("--grids", default=None,
                    help="main/gallery points per side, e.g. 16/32 (default: the config's)")
     p.add_argument("--device", default=None, help="model.device (default: the config's)")
@@ -68,11 +70,11 @@ def _image_and_scene(args: argparse.Namespace):
     if args.backend == "simulator":
         from esam_core.backends.sim_scenes import generated_scene
 
-        scene = generated_scene(0, h, w)
+        scene = generated_scene(args.seed, h, w)
         return scene.image, scene
     from esam_core.backends.scene import random_scene
 
-    scene = random_scene(h, w, n_objects=60, seed=0)
+    scene = random_scene(h, w, n_objects=60, seed=args.seed)
     return scene.render(), scene
 
 
