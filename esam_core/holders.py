@@ -32,18 +32,20 @@ class LazyKeep:
     """Eq.4's keep decision for single masks of one level, equal to ``mmg._adaptive_keep``.
 
     Args:
-        masks: (M, h, w) bool non-empty CPU masks of one level.
+        masks: (M, h, w) bool non-empty CPU masks of one level (``areas``: their cell counts,
+            if known).
         scores: (M,) predicted IoU; visited by descending score, ties in index order.
         density: (h, w) float32 Eq.3 density map.
         base: ``mmg.adaptive_nms.base`` (> 0).
     """
 
     def __init__(self, masks: torch.Tensor, scores: torch.Tensor, density: torch.Tensor,
-                 base: float) -> None:
+                 base: float, areas: torch.Tensor | None = None) -> None:
         self.masks, self.density = masks, density
         self.m = masks.shape[0]
         self.bits = bitmasks.pack(masks)
-        self.area = mask_areas(masks).numpy()
+        self.areas = mask_areas(masks) if areas is None else areas
+        self.area = self.areas.numpy()
         self.rank = np.empty(self.m, dtype=np.int64)
         self.order = np.argsort(-scores.cpu().numpy(), kind="stable")
         self.rank[self.order] = np.arange(self.m)
@@ -69,7 +71,7 @@ class LazyKeep:
     def _exact_thresholds(self) -> np.ndarray:
         """The level's thresholds exactly as the full NMS computes them (rarely needed)."""
         if self._exact is None:
-            mean = mean_density(self.masks, self.density)
+            mean = mean_density(self.masks, self.density, areas=self.areas)
             self._exact = mean.clamp(min=float(self.base)).numpy()
         return self._exact
 
@@ -140,11 +142,11 @@ class LazyHolders:
                  counts: dict[str, int] | None = None) -> None:
         self.masks, self.keep = [], []
         for ms in levels:
-            fg = ms.masks
-            ne = torch.nonzero(fg.flatten(1).any(1))[:, 0]  # Eq.4 runs on the non-empty masks
+            fg, areas = ms.masks, ms.areas
+            ne = torch.nonzero(areas > 0)[:, 0]  # Eq.4 runs on the non-empty masks
             self.masks.append(fg if ne.numel() == fg.shape[0] else fg[ne])
             self.keep.append(LazyKeep(self.masks[-1], ms.iou[ne], density,
-                                      float(cfg["mmg.adaptive_nms.base"])))
+                                      float(cfg["mmg.adaptive_nms.base"]), areas[ne]))
         self.hw = tuple(levels[0].hw)
         self.counts = {} if counts is None else counts
         self.counts["parts_in"], self.counts["subparts_in"] = (len(m) for m in self.masks)

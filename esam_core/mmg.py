@@ -89,10 +89,11 @@ class MMGResult:
             density = self.density()
             out = []
             for name, ms in (("parts", self.levels.part), ("subparts", self.levels.subpart)):
-                fg = ms.masks
-                ne = _non_empty(fg)
+                fg, areas = ms.masks, ms.areas
+                ne = _non_empty(areas)
                 self.counts[f"{name}_in"] = len(ne)
-                keep = _adaptive_keep(_rows(fg, ne), ms.iou[ne], density, self._cfg)
+                keep = _adaptive_keep(_rows(fg, ne), ms.iou[ne], density, self._cfg,
+                                      areas[ne])
                 out.append(ms.select(ne[keep.to(ne.device)]))
                 self.counts[name] = len(out[-1])
             self._parts = (out[0], out[1])
@@ -113,8 +114,7 @@ def sort_levels(decoded: Decoded) -> LevelMasks:
     """
     if decoded.logits.ndim != 4 or decoded.logits.shape[1] != 3:
         raise ValueError(f"expected logits (N, 3, h, w), got {tuple(decoded.logits.shape)}")
-    n, _, h, w = decoded.logits.shape
-    areas = mask_areas(decoded.foreground.reshape(n * 3, h, w)).view(n, 3).to(decoded.iou.device)
+    areas = decoded.areas
     # Lexicographic (area desc, then predicted IoU desc): two stable sorts, minor key first.
     by_iou = torch.sort(decoded.iou, dim=1, descending=True, stable=True).indices
     by_area = torch.sort(areas.gather(1, by_iou), dim=1, descending=True, stable=True).indices
@@ -152,9 +152,9 @@ def _take(ms: MaskSet, index: torch.Tensor) -> MaskSet:
     return ms.select(index.cpu())
 
 
-def _non_empty(fg: torch.Tensor) -> torch.Tensor:
-    """(M, h, w) bool -> (M,) int64 indices of the non-empty masks (on fg's device)."""
-    return (fg.flatten(1).view(torch.uint8).amax(1) > 0).nonzero()[:, 0]
+def _non_empty(areas: torch.Tensor) -> torch.Tensor:
+    """(M,) cell counts -> (M,) int64 indices of the non-empty masks (on their device)."""
+    return (areas > 0).nonzero()[:, 0]
 
 
 def _rows(fg: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -163,11 +163,13 @@ def _rows(fg: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def mean_density(masks: torch.Tensor, density: torch.Tensor,
-                 masks_float: torch.Tensor | None = None) -> torch.Tensor:
+                 masks_float: torch.Tensor | None = None, areas: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Mean of an (h, w) density over each mask: (M, h, w) bool -> (M,) float32 (0 if empty)."""
     # The "intersection" of a bool mask with a float map is the masked sum (a chunked product).
     total = pairwise_intersection(masks, density[None], masks_float)
-    return total[:, 0] / mask_areas(masks).float().clamp(min=1.0)
+    areas = mask_areas(masks) if areas is None else areas.to(total.device)
+    return total[:, 0] / areas.float().clamp(min=1.0)
 
 
 def adaptive_nms(ms: MaskSet, density: torch.Tensor, cfg: Config) -> MaskSet:
@@ -180,11 +182,14 @@ def adaptive_nms(ms: MaskSet, density: torch.Tensor, cfg: Config) -> MaskSet:
 
 
 def _adaptive_keep(masks: torch.Tensor, scores: torch.Tensor, density: torch.Tensor,
-                   cfg: Config) -> torch.Tensor:
-    """``adaptive_nms`` on bare masks: (K,) int64 kept indices by descending score."""
+                   cfg: Config, areas: torch.Tensor | None = None) -> torch.Tensor:
+    """``adaptive_nms`` on bare masks: (K,) int64 kept indices by descending score (``areas``:
+    their cell counts, if known)."""
     as_float = float_masks(masks)  # one conversion for the density and the NMS products (GPU)
-    thr = mean_density(masks, density, as_float).clamp(min=float(cfg["mmg.adaptive_nms.base"]))
-    return mask_nms(masks, scores, thr, iou=cfg["mmg.nms_iou"], masks_float=as_float)[0]
+    thr = mean_density(masks, density, as_float, areas)
+    thr = thr.clamp(min=float(cfg["mmg.adaptive_nms.base"]))
+    return mask_nms(masks, scores, thr, iou=cfg["mmg.nms_iou"], masks_float=as_float,
+                    areas=areas)[0]
 
 
 def run_mmg(levels: LevelMasks, density: torch.Tensor | Callable[[], torch.Tensor],
@@ -203,16 +208,19 @@ def run_mmg(levels: LevelMasks, density: torch.Tensor | Callable[[], torch.Tenso
     # (M, h, w) float32. Empty masks (all logits <= 0) carry nothing and would survive every NMS,
     # so they are dropped first.
     fg_o, fg_b = levels.object.masks, levels.best.masks
-    ne_o, ne_b = _non_empty(fg_o), _non_empty(fg_b)
+    area_o, area_b = levels.object.areas, levels.best.areas
+    ne_o, ne_b = _non_empty(area_o), _non_empty(area_b)
     counts["object_in"], counts["best_in"] = len(ne_o), len(ne_b)
 
     theta, kind = float(cfg["mmg.theta_o"]), cfg["mmg.nms_iou"]
-    keep_o, _ = mask_nms(_rows(fg_o, ne_o), levels.object.iou[ne_o], theta, iou=kind)
+    keep_o, _ = mask_nms(_rows(fg_o, ne_o), levels.object.iou[ne_o], theta, iou=kind,
+                         areas=area_o[ne_o])
     obj_idx = ne_o[keep_o.to(ne_o.device)]
     counts["object_nms"] = len(obj_idx)
     best_idx = ne_b
     if cfg["mmg.nms_best_level"]:
-        keep_b, _ = mask_nms(_rows(fg_b, ne_b), levels.best.iou[ne_b], theta, iou=kind)
+        keep_b, _ = mask_nms(_rows(fg_b, ne_b), levels.best.iou[ne_b], theta, iou=kind,
+                             areas=area_b[ne_b])
         best_idx = ne_b[keep_b.to(ne_b.device)]
     counts["best_nms"] = len(best_idx)
 
@@ -234,7 +242,7 @@ def run_mmg(levels: LevelMasks, density: torch.Tensor | Callable[[], torch.Tenso
 def _amg_filter_nms(ms: MaskSet, cfg: Config) -> MaskSet:
     """AMG's post-processing: confidence filters, drop empties, box NMS, sort by predicted IoU."""
     fg = ms.masks
-    ne = _non_empty(fg)
+    ne = _non_empty(ms.areas)
     idx = ne[_confident(ms, cfg)[ne]]
     keep, _ = mask_nms(_rows(fg, idx), ms.iou[idx], float(cfg["sam.box_nms_thresh"]), iou="box")
     idx = idx[keep.to(idx.device)]
@@ -268,10 +276,8 @@ def object_and_best(decoded: Decoded) -> tuple[torch.Tensor, torch.Tensor, torch
         scores: (N, 2) float32, S^64O then S^64B.
         areas: (N, 2) int64 cell counts of O and B.
     """
-    fg = decoded.foreground  # (N, 3, h, w)
-    n, _, h, w = fg.shape
-    rows = torch.arange(n, device=decoded.iou.device)
-    areas = mask_areas(fg.reshape(n * 3, h, w)).view(n, 3).to(decoded.iou.device)
+    areas = decoded.areas  # (N, 3), of the foreground
+    rows = torch.arange(len(decoded), device=decoded.iou.device)
     levels = torch.stack([areas.argmax(1), decoded.iou.argmax(1)], 1)  # O: first of equal areas
     scores = decoded.iou[rows[:, None], levels].float()
     return levels, scores, areas[rows[:, None], levels]

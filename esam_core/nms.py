@@ -51,8 +51,8 @@ def greedy_nms(overlap: torch.Tensor, scores: torch.Tensor,
 
 
 def mask_nms(masks: torch.Tensor, scores: torch.Tensor, thresholds: float | torch.Tensor | None,
-             iou: str = "mask", masks_float: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             iou: str = "mask", masks_float: torch.Tensor | None = None,
+             areas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy NMS of a mask set by mask IoU (``iou="mask"``) or box IoU (``"box"``, AMG style).
 
     Exactly ``greedy_nms(pairwise_iou(masks), scores, thresholds)`` (or of ``box_iou``), but for
@@ -64,6 +64,7 @@ def mask_nms(masks: torch.Tensor, scores: torch.Tensor, thresholds: float | torc
         thresholds: IoU threshold, scalar or (M,) per mask (Adaptive NMS); ``None`` (mask IoU
             only) groups identical masks only (all empty masks are identical).
         masks_float: (M, h*w) float32 ``masks`` already converted (``float_masks``), or None.
+        areas: (M,) int64 cell counts of ``masks`` if known (``MaskSet.areas``), or None.
 
     Returns ``keep`` and ``assign`` as in ``greedy_nms``.
     """
@@ -74,7 +75,7 @@ def mask_nms(masks: torch.Tensor, scores: torch.Tensor, thresholds: float | torc
         return greedy_nms(box_iou(boxes, boxes), scores, thresholds)
     if iou != "mask":
         raise ValueError(f"mask_nms: iou must be 'mask' or 'box', got {iou!r}")
-    return _BlockedNMS(masks, thresholds, masks_float).run(scores)
+    return _BlockedNMS(masks, thresholds, masks_float, areas).run(scores)
 
 
 class _BlockedNMS:
@@ -90,10 +91,11 @@ class _BlockedNMS:
     """
 
     def __init__(self, masks: torch.Tensor, thresholds: float | torch.Tensor | None,
-                 masks_float: torch.Tensor | None = None) -> None:
+                 masks_float: torch.Tensor | None = None, areas: torch.Tensor | None = None
+                 ) -> None:
         self.m = masks.shape[0]
         self.flat = masks.flatten(1)  # (M, hw) bool
-        area = mask_areas(masks)
+        area = mask_areas(masks) if areas is None else areas.to(masks.device)
         self.area = area.cpu().numpy()
         self.areaf = area.float()
         self.boxes = mask_boxes(masks).cpu().numpy()

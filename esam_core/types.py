@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from esam_core.backends.protocol import Decoded
-from esam_core.masks import foreground
+from esam_core.masks import foreground, mask_areas
 
 
 def pick(batch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -57,6 +57,14 @@ class MaskSet:
             decoded, rows, cols = self._view
             self._logits = pick(decoded.logits, rows, cols)
         return self._logits
+
+    @property
+    def areas(self) -> torch.Tensor:
+        """(M,) int64 cell counts of the masks (a view reads its batch's, counted once)."""
+        if self._logits is None:
+            decoded, rows, cols = self._view
+            return decoded.areas[rows, cols]
+        return mask_areas(self.masks)
 
     @property
     def masks(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from esam_core.masks import foreground
+from esam_core.masks import foreground, mask_areas
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Decoded:
     iou: torch.Tensor
     stability: torch.Tensor
     _foreground: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _areas: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -40,6 +41,16 @@ class Decoded:
         if self._foreground is None:
             self._foreground = foreground(self.logits)
         return self._foreground
+
+    @property
+    def areas(self) -> torch.Tensor:
+        """(N, 3) int64 cell counts of the foreground (on ``iou``'s device), computed once: Eq.1
+        sorts by them and every NMS over these masks starts from them."""
+        if self._areas is None:
+            n, _, h, w = self.logits.shape
+            fg = self.foreground.reshape(n * 3, h, w)
+            self._areas = mask_areas(fg).view(n, 3).to(self.iou.device)
+        return self._areas
 
 
 class PromptBackend(Protocol):
