@@ -32,6 +32,7 @@ BENCH = OMP_NUM_THREADS=2 $(VENV)/bin/esam bench
 bench:
 	mkdir -p out
 	$(BENCH) --backend simulator --grids 32/64 --repeat 3 | tee out/bench.txt
+	$(BENCH) --backend simulator --grids 32/64 --repeat 3 --config config/esam_fast.yaml | tee -a out/bench.txt
 	$(BENCH) --backend scene --grids 32/64 --repeat 3 | tee -a out/bench.txt
 	$(BENCH) --config config/test_tiny.yaml --grids 16/32 --repeat 3 | tee -a out/bench.txt
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m esam_ros.bench.node --config config/test_tiny.yaml

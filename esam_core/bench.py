@@ -209,8 +209,8 @@ def _print(report: dict) -> None:
                if res["peak_gpu_bytes"] is not None else "")
         print(f"{mode:5s} {stages}\n      post-processing={res['postprocess'] * 1000:.0f}ms  "
               f"entities={res['entities']}  prompts={prompts}{mem}")
-    print(f"summary [{report['backend']}, {report['device']}, {report['grids']}, "
-          f"{report['image_hw'][1]}x{report['image_hw'][0]}]: E-SAM/AMG = "
+    print(f"summary [{report['backend']}, {Path(report['config']).name}, {report['device']}, "
+          f"{report['grids']}, {report['image_hw'][1]}x{report['image_hw'][0]}]: E-SAM/AMG = "
           f"{report['ratio_esam_over_amg']:.2f}, E-SAM {report['results']['esam']['fps']:.2f} "
           f"fps, post-processing {report['esam_postprocess_share'] * 100:.0f} %, gallery "
           f"decoded {report['gallery_decoded_share'] * 100:.0f} %, peak RSS "

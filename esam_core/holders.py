@@ -127,8 +127,9 @@ def usr_holders(result: MMGResult, cfg: Config) -> MaskSet | LazyHolders:
     levels after Eq.4 (on a GPU the whole NMS costs a few batched products, no per-mask reads)."""
     levels = (result.levels.part, result.levels.subpart)
     cpu = all(ms.iou.device.type == "cpu" for ms in levels)
-    mask_iou_nms = cfg["mmg.nms_iou"] == "mask" and cfg["mmg.adaptive_nms.base"] > 0
-    if cpu and _masks._NUMPY_ON_CPU and bitmasks.ENABLED and mask_iou_nms:
+    # LazyKeep reproduces mask-IoU NMS with thresholds above 0 (box IoU: the full Eq.4).
+    lazy = cfg["mmg.nms_iou"] == "mask" and cfg["mmg.adaptive_nms.base"] > 0
+    if lazy and cpu and _masks._NUMPY_ON_CPU and bitmasks.ENABLED:
         return LazyHolders(list(levels), result.density(), cfg, result.counts)
     return MaskSet.concat(result.parts, result.subparts)
 
@@ -158,7 +159,7 @@ class LazyHolders:
         full mask set chooses them."""
         n_regions = sizes.size
         thresh = float(cfg["usr.containment_thresh"])
-        cands = []  # (key, level, rank, level index, mask index) per containing mask and region
+        cands = []  # (region, key, level, rank, mask) per region and mask containing it
         for lv, (masks, keep) in enumerate(zip(self.masks, self.keep)):
             inter = region_containment(region_of_cell, n_regions, masks).numpy()
             area = keep.area.astype(np.float64)

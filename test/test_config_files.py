@@ -15,6 +15,7 @@ from esam_core.config import PARAMETERS, load_config, read_parameter_file
 
 ESAM = CONFIG_DIR / "esam.yaml"
 TINY = CONFIG_DIR / "test_tiny.yaml"
+FAST = CONFIG_DIR / "esam_fast.yaml"
 _KEY_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*):")
 
 
@@ -62,7 +63,7 @@ def test_node_parameters_in_esam_yaml() -> None:
     assert not unknown, f"config/esam.yaml has keys nobody reads: {unknown}"
 
 
-@pytest.mark.parametrize("path", [ESAM, TINY], ids=["esam", "test_tiny"])
+@pytest.mark.parametrize("path", [ESAM, TINY, FAST], ids=["esam", "test_tiny", "esam_fast"])
 def test_every_key_line_has_a_comment(path: Path) -> None:
     bare = [f"{path.name}:{i}: {line.strip()}"
             for i, line in enumerate(path.read_text().splitlines(), 1)
@@ -90,7 +91,7 @@ def _leaf_lines(path: Path) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("path", [ESAM, TINY], ids=["esam", "test_tiny"])
+@pytest.mark.parametrize("path", [ESAM, TINY, FAST], ids=["esam", "test_tiny", "esam_fast"])
 def test_dynamic_markers_and_types_match_the_schema(path: Path) -> None:
     schema = node_schema()
     flat = read_parameter_file(path)
@@ -106,7 +107,7 @@ def test_dynamic_markers_and_types_match_the_schema(path: Path) -> None:
 
 
 @requires_ros
-@pytest.mark.parametrize("path", [ESAM, TINY], ids=["esam", "test_tiny"])
+@pytest.mark.parametrize("path", [ESAM, TINY, FAST], ids=["esam", "test_tiny", "esam_fast"])
 def test_ros_accepts_the_file(ros_context: Any, path: Path) -> None:
     """rcl's own YAML parser and every descriptor (type, range) accept the file."""
     import rclpy
@@ -125,6 +126,18 @@ def test_ros_accepts_the_file(ros_context: Any, path: Path) -> None:
 
 def test_files_are_plain_yaml_with_one_wildcard_section() -> None:
     """Shipped files are keyed '/**' (ROS 2 convention): they apply under any name/namespace."""
-    for path in (ESAM, TINY):
+    for path in (ESAM, TINY, FAST):
         doc = yaml.safe_load(path.read_text())
         assert list(doc) == ["/**"] and list(doc["/**"]) == ["ros__parameters"]
+
+
+def test_fast_preset_changes_only_its_two_settings() -> None:
+    """config/esam_fast.yaml layers over the defaults: what it sets differs, nothing else."""
+    fast, default = load_config(FAST), load_config(ESAM)
+    changed = {k for k in PARAMETERS if fast[k] != default[k]}
+    # esam.yaml spells out the official checkpoint name that an empty value resolves to.
+    assert fast["model.checkpoint"] == "" and default["model.checkpoint"] == CHECKPOINTS[
+        default["model.type"]].filename
+    assert changed - {"model.checkpoint"} == {"emr.mutual_voters", "superpixel.max_side"}
+    assert fast["emr.mutual_voters"] > 0 and fast["superpixel.max_side"] < default[
+        "superpixel.max_side"]
