@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="real-size model with random weights, timing only: "
                         f"{', '.join(_REAL_MODELS)} (default: off)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the synthetic scene (simulator and scene backends)")
+                   help="seed of the synthetic scene (simulator and scene backends) (default: 0)")
     p.add_argument("--grids", default=None,
                    help="main/gallery points per side, e.g. 16/32 (default: the config's)")
     p.add_argument("--device", default=None, help="model.device (default: the config's)")
