@@ -45,3 +45,15 @@ def intersections(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         both = a[s:s + step, None, :] & b[None, :, :]
         out[s:s + step] = np.bitwise_count(both).sum(-1, dtype=np.int64)
     return out
+
+
+def pair_intersections(bits: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """|bits_rows[k] ∩ bits_cols[k]| for K pairs of packed rows of ``bits`` (M, W): (K,) int64.
+    For sparse pairs: a full (R, C) ``intersections`` would count every row with every column."""
+    out = np.zeros(rows.size, dtype=np.int64)
+    step = max(1, _WORDS // max(1, bits.shape[1]))
+    for s in range(0, rows.size, step):
+        both = bits[rows[s:s + step]] & bits[cols[s:s + step]]
+        out[s:s + step] = np.bitwise_count(both).sum(-1, dtype=np.int64)
+    return out
+

@@ -133,9 +133,6 @@ class _BlockedNMS:
     def _intersections(self, rows: np.ndarray, cols: np.ndarray, r: torch.Tensor,
                        c: torch.Tensor) -> torch.Tensor:
         """(R, C) float32 |row ∩ col| (host indices rows, cols; the same on the device r, c)."""
-        if self._bits is not None:  # the CPU: count packed bits
-            inter = bitmasks.intersections(self._bits[rows], self._bits[cols])
-            return torch.from_numpy(inter.astype(np.float32))
         a = self._float(r)  # (R, hw), at most _BLOCK rows
         if self._flatf is not None and 4 * c.numel() >= self.m:
             # Many columns: one product with every mask beats gathering a quarter or more.
@@ -147,6 +144,17 @@ class _BlockedNMS:
         """(R, C) bool: IoU(row, col) >= threshold of the row (identical masks if ``same``)."""
         out = np.zeros((rows.size, cols.size), dtype=bool)
         feas = self._feasible(rows, cols)
+        if self._bits is not None:  # the CPU: count the feasible pairs only
+            fr, fc = np.nonzero(feas)
+            r, c = rows[fr], cols[fc]
+            inter = bitmasks.pair_intersections(self._bits, r, c).astype(np.float32)
+            area_r, area_c = self.area[r].astype(np.float32), self.area[c].astype(np.float32)
+            if self.same:
+                out[fr, fc] = (inter == area_r) & (inter == area_c)
+            else:  # _iou_from's float32 formula, element by element
+                union = np.maximum(area_r + area_c - inter, np.float32(1.0))
+                out[fr, fc] = inter / union >= self.thr[r]
+            return out
         ri, ci = np.nonzero(feas.any(1))[0], np.nonzero(feas.any(0))[0]
         if ri.size == 0:
             return out
