@@ -57,3 +57,16 @@ def pair_intersections(bits: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> 
         out[s:s + step] = np.bitwise_count(both).sum(-1, dtype=np.int64)
     return out
 
+
+def rows_and_cols(bits: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Which rows (M, h) and columns (M, w) of packed (h, w) masks hold a cell, or None when a
+    mask row is not a whole number of bytes (``pack`` then straddles rows)."""
+    if w % 8:
+        return None
+    m = bits.shape[0]
+    rows8 = bits.view(np.uint8)[:, :h * w // 8].reshape(m, h, w // 8)
+    words = rows8.view(np.uint64) if (w // 8) % 8 == 0 else rows8  # wider OR/compare steps
+    rows = (words != 0).any(2)
+    cols8 = np.bitwise_or.reduce(words, axis=1).view(np.uint8).reshape(m, w // 8)
+    return rows, np.unpackbits(cols8, axis=1, count=w).view(bool)
+

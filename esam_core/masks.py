@@ -96,12 +96,21 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor
     return _iou_from(inter, mask_areas(a).float(), mask_areas(b).float())
 
 
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """(M, h, w) bool -> (M, 4) float32 boxes x0, y0, x1, y1 (exclusive ends); empty -> zeros."""
+def mask_boxes(masks: torch.Tensor, bits: np.ndarray | None = None) -> torch.Tensor:
+    """(M, h, w) bool -> (M, 4) float32 boxes x0, y0, x1, y1 (exclusive ends); empty -> zeros.
+
+    On the CPU the occupied rows and columns are read from the packed masks (``bits``, if the
+    caller packed them already) when mask rows are whole bytes: an eighth of the data."""
     m, h, w = masks.shape
     if m == 0:
         return torch.zeros(0, 4, device=masks.device)
-    if masks.device.type == "cpu" and _NUMPY_ON_CPU:  # numpy's any() is ~5x faster there
+    occupied = None
+    if masks.device.type == "cpu" and _NUMPY_ON_CPU and w % 8 == 0:
+        bits = bitmasks.pack(masks) if bits is None else bits
+        occupied = bitmasks.rows_and_cols(bits, h, w) if bits is not None else None
+    if occupied is not None:
+        rows, cols = (torch.from_numpy(x) for x in occupied)
+    elif masks.device.type == "cpu" and _NUMPY_ON_CPU:  # numpy's any() is ~5x faster there
         host = masks.numpy()
         rows, cols = torch.from_numpy(host.any(2)), torch.from_numpy(host.any(1))
     else:

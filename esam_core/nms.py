@@ -98,13 +98,13 @@ class _BlockedNMS:
         area = mask_areas(masks) if areas is None else areas.to(masks.device)
         self.area = area.cpu().numpy()
         self.areaf = area.float()
-        self.boxes = mask_boxes(masks).cpu().numpy()
+        self._bits = bitmasks.pack(masks) if _masks._NUMPY_ON_CPU else None  # the CPU path
+        self.boxes = mask_boxes(masks, self._bits).cpu().numpy()
         self.same = thresholds is None  # identical masks only
         thr = torch.as_tensor(1.0 if self.same else thresholds, dtype=torch.float32)
         self.thr = thr.expand(self.m).cpu().numpy()
         self.thr_t = torch.as_tensor(self.thr, device=masks.device)
         self._flatf = masks_float
-        self._bits = bitmasks.pack(masks) if _masks._NUMPY_ON_CPU else None  # the CPU path
 
     def _float(self, idx: torch.Tensor) -> torch.Tensor:
         """(len(idx), hw) float32 rows of the masks (0/1 products and sums are exact)."""

@@ -199,3 +199,22 @@ def test_packed_bit_counts_equal_the_bool_counts(monkeypatch):
     both = np.concatenate([pa, pb])
     rows, cols = rng.integers(0, 7, 20), rng.integers(0, 5, 20)
     assert np.array_equal(bitmasks.pair_intersections(both, rows, cols + 7), want[rows, cols])
+
+
+@pytest.mark.parametrize("w", [13, 24, 64, 128])
+def test_boxes_from_packed_bits_are_the_masks_boxes(w: int):
+    from esam_core import bitmasks
+
+    if not bitmasks.ENABLED:
+        pytest.skip("numpy without bitwise_count: no packed bits")
+    rng = np.random.default_rng(w)
+    masks = torch.zeros(6, 9, w, dtype=torch.bool)
+    for k in range(5):  # random rectangles; the last mask stays empty
+        r0, c0 = rng.integers(0, 8), rng.integers(0, w - 1)
+        masks[k, r0:rng.integers(r0 + 1, 10), c0:rng.integers(c0 + 1, w + 1)] = True
+    want = torch.zeros(6, 4)
+    for k in range(5):
+        ys, xs = np.nonzero(masks[k].numpy())
+        want[k] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    assert torch.equal(mask_boxes(masks, bitmasks.pack(masks)), want)
+    assert torch.equal(mask_boxes(masks), want)
