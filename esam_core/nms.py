@@ -84,10 +84,10 @@ class _BlockedNMS:
     Per block, the next ``_BLOCK`` unassigned masks by score are resolved among themselves (a
     (B, B) product: a mask can only be suppressed by an earlier kept mask, and earlier blocks'
     kept masks have already suppressed everything they hit); then the block's kept masks suppress
-    the remaining masks with one (k, hw) @ (hw, C) product. Pairs that cannot reach a threshold are
-    never multiplied: the intersection is at most the smaller area and the boxes' overlap. Every
-    IoU that is
-    compared is computed with ``pairwise_iou``'s formula, so keep and assign equal the dense ones.
+    the remaining masks with one (k, hw) @ (hw, C) product (on the CPU: packed-bit counts of just
+    the pairs that may hit). Pairs that cannot reach a threshold are never counted: the
+    intersection is at most the smaller area and the boxes' overlap. Every IoU that is compared is
+    computed with ``pairwise_iou``'s formula, so keep and assign equal the dense ones.
     """
 
     def __init__(self, masks: torch.Tensor, thresholds: float | torch.Tensor | None,
@@ -130,9 +130,9 @@ class _BlockedNMS:
         # The slack absorbs float32 rounding of the real IoU; thresholds <= 0 hit every pair.
         return (thr <= 0) | ((inter > 0) & (bound >= thr - 1e-6))
 
-    def _intersections(self, rows: np.ndarray, cols: np.ndarray, r: torch.Tensor,
-                       c: torch.Tensor) -> torch.Tensor:
-        """(R, C) float32 |row ∩ col| (host indices rows, cols; the same on the device r, c)."""
+    def _intersections(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(R, C) float32 |row ∩ col| for device indices r, c (float products; the CPU counts
+        packed bits in ``_hits`` instead)."""
         a = self._float(r)  # (R, hw), at most _BLOCK rows
         if self._flatf is not None and 4 * c.numel() >= self.m:
             # Many columns: one product with every mask beats gathering a quarter or more.
@@ -160,7 +160,7 @@ class _BlockedNMS:
             return out
         dev = self.flat.device
         r, c = (torch.as_tensor(x, device=dev) for x in (rows[ri], cols[ci]))
-        inter = self._intersections(rows[ri], cols[ci], r, c)
+        inter = self._intersections(r, c)
         if self.same:
             hit = (inter == self.areaf[r][:, None]) & (inter == self.areaf[c][None, :])
         else:
