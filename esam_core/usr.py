@@ -27,7 +27,6 @@ from esam_core.holders import LazyHolders
 from esam_core.masks import (
     cells_to_image,
     interior_point,
-    mask_areas,
     owner_map_host,
     region_containment,
 )
@@ -47,7 +46,7 @@ def _choose(holders: MaskSet, region_of_cell: np.ndarray, sizes: np.ndarray, cfg
     hmasks = holders.masks
     inter = region_containment(region_of_cell, n, hmasks)
     # One read for both (float32 holds the cell counts exactly).
-    host = torch.cat([inter, mask_areas(hmasks).float()[None]]).cpu().numpy()
+    host = torch.cat([inter, holders.areas.to(inter.device).float()[None]]).cpu().numpy()
     inter, areas = host[:-1], host[-1].astype(np.float64)
     contained = inter >= float(cfg["usr.containment_thresh"]) * sizes[:, None]
     # Smallest containing mask = the most specific one; "largest" is the ablation.
