@@ -22,10 +22,17 @@ from esam_core.masks import mask_areas, region_containment
 from esam_core.mmg import MMGResult, mean_density
 from esam_core.types import MaskSet
 
-#: A float32 dot product of K terms errs by at most K units in the last place of the sum of
-#: their magnitudes (ulp = 2^-24 relative), so the exact threshold lies in this band around the
-#: float64 mean.
+#: Unit roundoff of float32.
 _ULP = 2.0 ** -24
+
+
+def _relative_band(cells: int) -> float:
+    """How far, relative to the mean, Eq.4's float32 mean density of a mask may lie from the
+    float64 one: a float32 sum of K = ``cells`` non-negative terms errs by at most
+    gamma_K = K u / (1 - K u) of the exact sum in any order, then the division and the float64
+    sum round once more each."""
+    k = cells * _ULP
+    return k / (1 - k) + 4 * _ULP
 
 
 class LazyKeep:
@@ -52,21 +59,24 @@ class LazyKeep:
         self.base = np.float32(base)
         self._dens64 = density.cpu().numpy().astype(np.float64).reshape(-1)
         self._flat = masks.reshape(self.m, masks.shape[1] * masks.shape[2]).numpy()
-        self._band: dict[int, tuple[float, float]] = {}
+        self._lo = np.full(self.m, np.nan)  # threshold bands, filled as masks are asked about
+        self._hi = np.full(self.m, np.nan)
         self._exact: np.ndarray | None = None
         self.resolved: dict[int, bool] = {}  # mask -> kept, for the masks decided so far
 
-    def _threshold_band(self, i: int) -> tuple[float, float]:
-        """(lo, hi) with lo <= Eq.4's float32 threshold of mask i <= hi."""
+    def _threshold_band(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi), each (n,) float64, with lo <= Eq.4's float32 threshold of mask idx[k] <= hi."""
         if self._exact is not None:
-            t = float(self._exact[i])
+            t = self._exact[idx].astype(np.float64)
             return t, t
-        if i not in self._band:
-            cells = self._flat[i].size
-            mean = float(self._dens64[self._flat[i]].sum()) / max(int(self.area[i]), 1)
-            tol = (cells + 2) * _ULP * mean + 1e-12
-            self._band[i] = (max(float(self.base), mean - tol), max(float(self.base), mean + tol))
-        return self._band[i]
+        todo = idx[np.isnan(self._lo[idx])]
+        if todo.size:
+            sums = np.array([self._dens64[self._flat[i]].sum() for i in todo.tolist()])
+            mean = sums / np.maximum(self.area[todo], 1)
+            tol = _relative_band(self._flat.shape[1]) * mean + 1e-12
+            self._lo[todo] = np.maximum(float(self.base), mean - tol)
+            self._hi[todo] = np.maximum(float(self.base), mean + tol)
+        return self._lo[idx], self._hi[idx]
 
     def _exact_thresholds(self) -> np.ndarray:
         """The level's thresholds exactly as the full NMS computes them (rarely needed)."""
@@ -89,13 +99,14 @@ class LazyKeep:
         inter32 = inter.astype(np.float32)
         union = self.area[feasible].astype(np.float32) + np.float32(a_c) - inter32
         iou = inter32 / np.maximum(union, np.float32(1.0))
-        hits = []
-        for k in np.nonzero(iou >= self.base)[0].tolist():  # below base: below every threshold
-            i = int(feasible[k])
-            lo, hi = self._threshold_band(i)
-            if iou[k] >= hi or (iou[k] >= lo and iou[k] >= self._exact_thresholds()[i]):
-                hits.append(i)
-        return np.asarray(hits, dtype=np.int64)
+        near = iou >= self.base  # below base: below every threshold
+        cand, iou = feasible[near], iou[near]
+        lo, hi = self._threshold_band(cand)
+        hit = iou >= hi
+        unsure = ~hit & (iou >= lo)  # inside the band: compare with the exact thresholds
+        if unsure.any():
+            hit[unsure] = iou[unsure] >= self._exact_thresholds()[cand[unsure]]
+        return cand[hit]
 
     def kept(self, c: int) -> bool:
         """Whether Eq.4's greedy NMS keeps mask c."""
