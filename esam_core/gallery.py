@@ -133,8 +133,12 @@ class Gallery:
         out = torch.empty((idx.size, *self._hw), dtype=torch.bool, device=self.device)
         for b in used.tolist():
             at = np.nonzero(batch == b)[0]
-            out.index_copy_(0, torch.as_tensor(at, device=self.device), self._batches[b]
-                            .index_select(0, torch.as_tensor(rows[at], device=self.device)))
+            src = torch.as_tensor(rows[at], device=self.device)
+            if at[-1] - at[0] + 1 == at.size:  # a run of out's rows: gather straight into it
+                torch.index_select(self._batches[b], 0, src, out=out[at[0]:at[-1] + 1])
+            else:
+                out.index_copy_(0, torch.as_tensor(at, device=self.device),
+                                self._batches[b].index_select(0, src))
         return out
 
     def rows(self, idx: np.ndarray, level: np.ndarray) -> np.ndarray:

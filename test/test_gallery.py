@@ -293,3 +293,21 @@ def test_real_sam_decoder_gallery_matches_eq1_and_lazy_equals_eager():
     cl, ce = covering_mask(lazy, region, right), covering_mask(eager, region, right)
     assert (cl is None and ce is None) or torch.equal(cl, ce)
     assert 0 < lazy.decoded_prompts < eager.decoded_prompts
+
+
+def test_masks_of_prompts_from_many_batches_in_any_order():
+    """Lookups across decoded batches (in order, so gathered into runs, and shuffled) return the
+    masks an eager gallery holds for those prompts."""
+    scene = random_scene(H, W, n_objects=6, seed=3)
+    backend = SceneBackend(scene)
+    cfg = gallery_config(model__points_per_batch=3)
+    eager = Gallery(backend, cfg, lazy=False)
+    lazy = Gallery(backend, cfg, lazy=True)
+    rng = np.random.default_rng(0)
+    lazy.decode(rng.permutation(len(lazy))[:40])  # batches of 3 in a random order
+    lazy.decode(np.arange(len(lazy)))
+    for idx in (np.arange(10, 30), rng.permutation(len(lazy))[:25]):
+        level = rng.integers(0, 2, idx.size)
+        got = lazy.level_masks(idx, level)
+        want = torch.stack([eager.masks(idx)[0][k, level[k]] for k in range(idx.size)])
+        assert torch.equal(got, want)
