@@ -73,7 +73,8 @@ class LazyKeep:
         if todo.size:
             sums = np.array([self._dens64[self._flat[i]].sum() for i in todo.tolist()])
             mean = sums / np.maximum(self.area[todo], 1)
-            tol = _relative_band(self._flat.shape[1]) * mean + 1e-12
+            # A zero mean (no density under the mask) is exact: its threshold is the base.
+            tol = np.where(mean > 0, _relative_band(self._flat.shape[1]), 0.0) * mean + 1e-12
             self._lo[todo] = np.maximum(float(self.base), mean - tol)
             self._hi[todo] = np.maximum(float(self.base), mean + tol)
         return self._lo[idx], self._hi[idx]

@@ -36,17 +36,20 @@ def mask_set(masks: torch.Tensor, scores: torch.Tensor) -> MaskSet:
 
 
 def density(rng: np.random.Generator, hw: tuple[int, int]) -> torch.Tensor:
-    """Dense in one corner, so that some thresholds rise above the base."""
+    """Dense in one corner, so that some thresholds rise above the base, and empty in the last
+    columns (masks with a zero mean density)."""
     d = rng.random(hw).astype(np.float32) * 0.4
     d[: hw[0] // 3, : hw[1] // 3] = 0.9 + 0.1 * rng.random((hw[0] // 3, hw[1] // 3))
+    d[:, -hw[1] // 4:] = 0.0
     return torch.from_numpy(d)
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("band", ["float64", "exact"])
+@pytest.mark.parametrize("band", ["float64", "exact", "unbounded"])
 def test_lazy_keep_equals_full_adaptive_nms(seed: int, band: str, monkeypatch):
-    if band == "exact":  # a band wider than any IoU: every comparison uses the exact thresholds
-        monkeypatch.setattr(holders, "_relative_band", lambda cells: 10.0)
+    if band != "float64":  # wider than any IoU: every comparison uses the exact thresholds
+        monkeypatch.setattr(holders, "_relative_band",
+                            lambda cells: 10.0 if band == "exact" else float("inf"))
     rng = np.random.default_rng(seed)
     hw = (24, 32)
     masks = blob_masks(rng, 120, hw)
