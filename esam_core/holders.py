@@ -35,6 +35,17 @@ def _relative_band(cells: int) -> float:
     return k / (1 - k) + 4 * _ULP if k < 0.5 else float("inf")  # inf: always the exact path
 
 
+def containment_rule(inter: np.ndarray, areas: np.ndarray, sizes: np.ndarray, cfg: Config
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Eq.9's choice, shared by both holder paths: (R, H) bool, region r lies in holder j (at
+    least ``usr.containment_thresh`` of its ``sizes`` cells), and (H,) float64 ranking keys,
+    lowest first (the smallest containing mask, the most specific one; ``largest``: the
+    ablation). ``inter`` (R, H) counts cells of each region in each holder, ``areas`` (H,)."""
+    contained = inter >= float(cfg["usr.containment_thresh"]) * sizes[:, None]
+    areas = np.asarray(areas, dtype=np.float64)
+    return contained, areas if cfg["usr.containing_mask"] == "smallest" else -areas
+
+
 class LazyKeep:
     """Eq.4's keep decision for single masks of one level, equal to ``mmg._adaptive_keep``.
 
@@ -170,13 +181,11 @@ class LazyHolders:
         none) and the chosen holders' (h, w) host masks by id, as ``usr._choose`` on the
         full mask set chooses them."""
         n_regions = sizes.size
-        thresh = float(cfg["usr.containment_thresh"])
         cands = []  # (region, key, level, rank, mask) per region and mask containing it
         for lv, (masks, keep) in enumerate(zip(self.masks, self.keep)):
             inter = region_containment(region_of_cell, n_regions, masks).numpy()
-            area = keep.area.astype(np.float64)
-            key = area if cfg["usr.containing_mask"] == "smallest" else -area
-            r, j = np.nonzero(inter >= thresh * sizes[:, None])
+            contained, key = containment_rule(inter, keep.area, sizes, cfg)
+            r, j = np.nonzero(contained)
             cands.extend(zip(r.tolist(), key[j].tolist(), [lv] * r.size,
                              keep.rank[j].tolist(), j.tolist()))
         chosen = np.full(n_regions, -1, dtype=np.int64)

@@ -23,7 +23,7 @@ import torch
 
 from esam_core.backends.protocol import PromptBackend
 from esam_core.config import Config
-from esam_core.holders import LazyHolders
+from esam_core.holders import LazyHolders, containment_rule
 from esam_core.masks import (
     cells_to_image,
     interior_point,
@@ -47,11 +47,8 @@ def _choose(holders: MaskSet, region_of_cell: np.ndarray, sizes: np.ndarray, cfg
     inter = region_containment(region_of_cell, n, hmasks)
     # One read for both (float32 holds the cell counts exactly).
     host = torch.cat([inter, holders.areas.to(inter.device).float()[None]]).cpu().numpy()
-    inter, areas = host[:-1], host[-1].astype(np.float64)
-    contained = inter >= float(cfg["usr.containment_thresh"]) * sizes[:, None]
-    # Smallest containing mask = the most specific one; "largest" is the ablation.
-    key = areas if cfg["usr.containing_mask"] == "smallest" else -areas
-    ranked = np.where(contained, key[None, :], np.inf)
+    contained, key = containment_rule(host[:-1], host[-1], sizes, cfg)
+    ranked = np.where(contained, key[None, :], np.inf)  # ties: the first in holder order
     has = contained.any(1)
     holder_idx[has] = ranked[has].argmin(1)
     used = np.unique(holder_idx[has])
