@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 
 import cv2
 import numpy as np
@@ -25,7 +24,12 @@ from esam_core.holders import LazyHolders, usr_holders
 from esam_core.labels import build_label_map, entity_scores, paint_entities, paint_masks
 from esam_core.masks import to_cells
 from esam_core.stages import Cancelled, CountingBackend, Prepared, Stages
-from esam_core.superpixels import density_map, felzenszwalb_labels, superpixels_from_labels
+from esam_core.superpixels import (
+    Superpixels,
+    density_map,
+    felzenszwalb_labels,
+    superpixels_from_labels,
+)
 from esam_core.types import Entities, EntitySegmentation, MaskSet
 
 __all__ = ["Cancelled", "EntitySegmenter", "Prepared", "as_rgb"]
@@ -186,14 +190,11 @@ class EntitySegmenter:
                 masks = (mmg.amg_masks(decoded, cfg) if mode == "amg"
                          else mmg.object_level_masks(mmg.sort_levels(decoded), cfg))
                 return emr.entities_by_score(masks)
-        with stages("superpixels"):  # the wait only: Felzenszwalb ran beside the encoder
-            (raw, min_size), stages.timings["superpixels_cpu"] = superpixels.result()
-            sp = superpixels_from_labels(raw, rgb.shape[:2], backend.lowres_hw, backend.device,
-                                         min_size)
+        sp: Superpixels | None = None  # set below, before the first use of the density
         with stages("mmg"):
             if cfg["modules.mmg"]:
                 levels = mmg.sort_levels(decoded)
-                result = mmg.run_mmg(levels, partial(density_map, sp, cfg), cfg)
+                result = mmg.run_mmg(levels, lambda: density_map(sp, cfg), cfg)
                 objects = result.objects
 
                 def holders() -> MaskSet | LazyHolders:  # Eq.3-4 only if USR needs prompts
@@ -201,17 +202,25 @@ class EntitySegmenter:
             else:  # Table 3 rows without MMG: EMR and USR start from AMG's output
                 objects = holders = mmg.amg_masks(decoded, cfg)
             stages.counts["objects"] = len(objects)
-        if cfg["modules.emr"]:
-            with stages("emr"):
+        with stages("emr"):
+            if cfg["modules.emr"]:
                 gallery = Gallery(backend, cfg)
                 ents = emr.split_overlaps(objects, gallery, cfg)
+            else:
+                ents = emr.entities_by_score(objects)
+        # MMG's objects and EMR's split need no superpixels: waiting for Felzenszwalb only now
+        # lets it run beside them too, not only beside the encoder (the merge needs centroids,
+        # USR the cells and the Eq.3 density).
+        with stages("superpixels"):
+            (raw, min_size), stages.timings["superpixels_cpu"] = superpixels.result()
+            sp = superpixels_from_labels(raw, rgb.shape[:2], backend.lowres_hw, backend.device,
+                                         min_size)
+        if cfg["modules.emr"]:
+            with stages("emr"):
                 features = backend.sample_features(sp.centroids_xy)
                 cells = to_cells(sp.centroids_xy, backend.image_hw, backend.lowres_hw)
                 ents = emr.merge_entities(ents, gallery, cells, features, cfg)
                 stages.counts["gallery_prompts"] = gallery.decoded_prompts
-        else:
-            with stages("emr"):
-                ents = emr.entities_by_score(objects)
         stages.counts["entities_emr"] = len(ents)
         if cfg["modules.usr"]:
             with stages("usr"):
