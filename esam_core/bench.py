@@ -50,7 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed of the synthetic scene (simulator and scene backends) (default: 0)")
     p.add_argument("--grids", default=None,
                    help="main/gallery points per side, e.g. 16/32 (default: the config's)")
-    p.add_argument("--device", default=None, help="model.device (default: the config's)")
+    p.add_argument("--device", default=None,
+                   help="model.device (default: the config's; the fake backends: cpu), e.g. "
+                        "cuda: the fake backends then hand their masks to the GPU, so the "
+                        "post-processing runs there")
     p.add_argument("--repeat", type=int, default=3,
                    help="timed AMG/E-SAM pairs, interleaved, after one warm-up each")
     p.add_argument("--json", type=Path, help="also write the results here (default: none)")
@@ -82,17 +85,21 @@ def _backend(args: argparse.Namespace, cfg: Config, scene):
     if args.backend in ("scene", "simulator"):
         if scene is None:
             raise ValueError(f"--backend {args.backend} needs the synthetic image (no --image)")
+        from esam_core.backends.models import resolve_device
+
+        device = resolve_device(args.device) if args.device else torch.device("cpu")
         h, w = scene.leaves.shape
         if args.backend == "simulator":
             from esam_core.backends.sim_failures import FailureRates
             from esam_core.backends.simulator import SamSimulator
 
-            return (SamSimulator(scene, FailureRates(), lowres_long_side=256),
+            return (SamSimulator(scene, FailureRates(), lowres_long_side=256, device=device),
                     "SAM-behaviour simulator (fake backend, default failure rates)")
         from esam_core.backends.scene import SceneBackend
 
         # Same working grid as real SAM: low-res masks have a 256-cell long side at 1024 px.
-        return SceneBackend(scene, lowres_scale=256 / max(h, w)), "scene (fake backend)"
+        return (SceneBackend(scene, lowres_scale=256 / max(h, w), device=device),
+                "scene (fake backend)")
     from esam_core.backends import build_backend
 
     label = f"sam {cfg['model.type']}" + (" random weights (timing only)" if args.random_weights

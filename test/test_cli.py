@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import CONFIG_DIR
 from pycocotools import mask as mask_utils
 
@@ -80,6 +81,16 @@ def test_bench_on_the_simulator_interleaves_both_modes(tmp_path, capsys):
     assert doc["config"].endswith("esam.yaml")
     assert doc["results"]["esam"]["counts"]["gallery_prompts"] <= 256
     assert doc["results"]["amg"]["entities"] > 0 and doc["results"]["esam"]["entities"] > 0
+
+
+def test_bench_puts_a_fake_backend_on_the_named_device(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    args = ["bench", "--backend", "scene", "--size", "96x64", "--grids", "4/8", "--repeat", "1"]
+    assert main(args + ["--device", "cpu", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["device"] == "cpu"
+    if not torch.cuda.is_available():  # a GPU machine would run it: the error path is for here
+        assert main(args + ["--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -88,6 +88,12 @@ class FixedSceneBackend:
 
     _image_hw: tuple[int, int]
     _lowres_hw: tuple[int, int]
+    device: torch.device
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work when the masks live on CUDA (honest stage timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @property
     def image_hw(self) -> tuple[int, int]:

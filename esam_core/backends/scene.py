@@ -91,9 +91,6 @@ class SceneBackend(FixedSceneBackend):
         self._cache: dict[int, np.ndarray] = {}
         self._image: np.ndarray | None = None
 
-    def synchronize(self) -> None:
-        """Nothing to wait for (CPU only)."""
-
     def _lowres_logits(self, node: int) -> np.ndarray:
         """(h, w) float32 logits of a node: +10 where the cell is mostly inside, -10 outside."""
         if node not in self._cache:

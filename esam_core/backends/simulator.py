@@ -90,9 +90,6 @@ class SamSimulator(FixedSceneBackend):
 
     # --- PromptBackend -------------------------------------------------------------------------
 
-    def synchronize(self) -> None:
-        """Nothing to wait for (CPU only)."""
-
     def decode_points(self, points_xy: np.ndarray) -> Decoded:
         pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
         h, w = self._lowres_hw
