@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTHON ?= python3.11
 
-.PHONY: install test lint bench bench-qos fidelity demo weights constraints clean
+.PHONY: install test lint bench bench-gpu bench-qos fidelity demo weights constraints clean
 
 # requirements*.txt give ranges (for ROS workspaces); constraints.txt pins what CI tests.
 # requirements-sam2.txt (SAM 2.1) is an sdist built against the torch installed first, no CUDA.
@@ -49,6 +49,10 @@ fidelity:
 # How many raw frames reach a subscription by QoS and size (one host; a few minutes).
 bench-qos:
 	$(VENV)/bin/python -m esam_ros.bench.qos
+
+# On a machine with CUDA (with a source tree and any python3 that has torch: PYTHON=python3).
+bench-gpu:
+	PYTHON=$${PYTHON:-$(VENV)/bin/python} scripts/gpu_bench.sh out/gpu
 
 demo:
 	$(VENV)/bin/esam replay data/spot/raw_mcap --config config/esam.yaml --out out/demo_bag \
