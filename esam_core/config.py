@@ -139,6 +139,8 @@ PARAMETERS: dict[str, Param] = {
     "superpixel.sigma": _f(0.8, 0.0, 10.0, "Felzenszwalb Gaussian sigma"),
     "superpixel.min_size": _i(50, 1, 100000, "Felzenszwalb min component size (at max_side)"),
     "superpixel.max_side": _i(1024, 16, 8192, "superpixels run on a copy at most this long"),
+    "superpixel.thread_nice": _i(5, 0, 19, "nice value of the Felzenszwalb thread (Linux; 0 = "
+                                 "the pipeline's priority)", dynamic=False),
     # --- output -------------------------------------------------------------------------
     "output.score": _c("pred_iou", ("pred_iou", "pred_iou_x_stability", "area_weighted"),
                        "per-entity confidence"),

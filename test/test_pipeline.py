@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -171,3 +173,18 @@ def test_prepare_next_frame_while_finishing_one_gives_the_same_results():
         assert [e.score for e in w.entities] == [e.score for e in g.entities]
     assert not np.array_equal(want[0].label_map, want[1].label_map)  # two different answers
     seg.release()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread nice values are Linux's")
+@pytest.mark.parametrize("nice", [0, 7])
+def test_felzenszwalb_thread_runs_at_the_configured_nice(nice: int):
+    """The superpixel helper yields its core to the pipeline's own threads (0: it does not)."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # a thread cannot go below it unprivileged
+    seg = EntitySegmenter(Config({"superpixel.thread_nice": nice}),
+                          backend=SceneBackend(two_objects()))
+    try:
+        tid = seg._threads.submit(threading.get_native_id).result()
+        assert os.getpriority(os.PRIO_PROCESS, tid) == max(base, nice)
+        check_result(seg.segment(two_objects().render()), (64, 96))
+    finally:
+        seg.release()
