@@ -18,8 +18,8 @@ import torch
 from esam_core import bitmasks
 from esam_core import masks as _masks  # _NUMPY_ON_CPU is read at call time (tests switch it)
 from esam_core.config import Config
-from esam_core.masks import mask_areas, region_containment
-from esam_core.mmg import MMGResult, mean_density
+from esam_core.masks import mask_areas, pair_iou_host, region_containment
+from esam_core.mmg import MMGResult, mean_density, non_empty_masks
 from esam_core.types import MaskSet
 
 #: Unit roundoff of float32.
@@ -107,10 +107,7 @@ class LazyKeep:
         if feasible.size == 0:
             return feasible
         inter = bitmasks.intersections(self.bits[c:c + 1], self.bits[feasible])[0]
-        # pairwise_iou's float32 formula (integer counts below 2^24 are exact in float32).
-        inter32 = inter.astype(np.float32)
-        union = self.area[feasible].astype(np.float32) + np.float32(a_c) - inter32
-        iou = inter32 / np.maximum(union, np.float32(1.0))
+        iou = pair_iou_host(inter, self.area[feasible], np.full(feasible.size, a_c))
         near = iou >= self.base  # below base: below every threshold
         cand, iou = feasible[near], iou[near]
         lo, hi = self._threshold_band(cand)
@@ -166,11 +163,10 @@ class LazyHolders:
                  counts: dict[str, int] | None = None) -> None:
         self.masks, self.keep = [], []
         for ms in levels:
-            fg, areas = ms.masks, ms.areas
-            ne = torch.nonzero(areas > 0)[:, 0]  # Eq.4 runs on the non-empty masks
-            self.masks.append(fg if ne.numel() == fg.shape[0] else fg[ne])
-            self.keep.append(LazyKeep(self.masks[-1], ms.iou[ne], density,
-                                      float(cfg["mmg.adaptive_nms.base"]), areas[ne]))
+            ne, masks, areas = non_empty_masks(ms)  # Eq.4 runs on the non-empty masks
+            self.masks.append(masks)
+            self.keep.append(LazyKeep(masks, ms.iou[ne], density,
+                                      float(cfg["mmg.adaptive_nms.base"]), areas))
         self.hw = tuple(levels[0].hw)
         self.counts = {} if counts is None else counts
         self.counts["parts_in"], self.counts["subparts_in"] = (len(m) for m in self.masks)

@@ -89,6 +89,14 @@ def _iou_from(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor) -
     return inter / union.clamp(min=1.0)
 
 
+def pair_iou_host(inter: np.ndarray, area_a: np.ndarray, area_b: np.ndarray) -> np.ndarray:
+    """``_iou_from``'s float32 formula element by element, for K host pairs: (K,) intersections
+    and areas (float32 holds counts below 2^24 exactly) -> (K,) float32, the same bits."""
+    inter = inter.astype(np.float32)
+    union = area_a.astype(np.float32) + area_b.astype(np.float32) - inter
+    return inter / np.maximum(union, np.float32(1.0))
+
+
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """IoU for all pairs: (M, h, w), (K, h, w) bool -> (M, K) float32 (b defaults to a)."""
     b = a if b is None else b

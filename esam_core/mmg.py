@@ -89,11 +89,9 @@ class MMGResult:
             density = self.density()
             out = []
             for name, ms in (("parts", self.levels.part), ("subparts", self.levels.subpart)):
-                fg, areas = ms.masks, ms.areas
-                ne = _non_empty(areas)
+                ne, masks, areas = non_empty_masks(ms)
                 self.counts[f"{name}_in"] = len(ne)
-                keep = _adaptive_keep(_rows(fg, ne), ms.iou[ne], density, self._cfg,
-                                      areas[ne])
+                keep = _adaptive_keep(masks, ms.iou[ne], density, self._cfg, areas)
                 out.append(ms.select(ne[keep.to(ne.device)]))
                 self.counts[name] = len(out[-1])
             self._parts = (out[0], out[1])
@@ -155,6 +153,14 @@ def _take(ms: MaskSet, index: torch.Tensor) -> MaskSet:
 def _non_empty(areas: torch.Tensor) -> torch.Tensor:
     """(M,) cell counts -> (M,) int64 indices of the non-empty masks (on their device)."""
     return (areas > 0).nonzero()[:, 0]
+
+
+def non_empty_masks(ms: MaskSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-empty masks of a level (Eq.4's input): (K,) int64 indices into ``ms``, their
+    (K, h, w) bool masks and (K,) cell counts."""
+    areas = ms.areas
+    ne = _non_empty(areas)
+    return ne, _rows(ms.masks, ne), areas[ne]
 
 
 def _rows(fg: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

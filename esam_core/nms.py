@@ -11,7 +11,7 @@ from torchvision.ops import box_iou
 
 from esam_core import bitmasks
 from esam_core import masks as _masks  # _NUMPY_ON_CPU is read at call time (tests switch it)
-from esam_core.masks import _FLOAT_CACHE, _iou_from, mask_areas, mask_boxes
+from esam_core.masks import _FLOAT_CACHE, _iou_from, mask_areas, mask_boxes, pair_iou_host
 
 #: Most mask cells ``mask_nms`` converts to float at once (64 MB of float32).
 _FLOAT_BUDGET = 1 << 24
@@ -147,13 +147,11 @@ class _BlockedNMS:
         if self._bits is not None:  # the CPU: count the feasible pairs only
             fr, fc = np.nonzero(feas)
             r, c = rows[fr], cols[fc]
-            inter = bitmasks.pair_intersections(self._bits, r, c).astype(np.float32)
-            area_r, area_c = self.area[r].astype(np.float32), self.area[c].astype(np.float32)
+            inter = bitmasks.pair_intersections(self._bits, r, c)
             if self.same:
-                out[fr, fc] = (inter == area_r) & (inter == area_c)
-            else:  # _iou_from's float32 formula, element by element
-                union = np.maximum(area_r + area_c - inter, np.float32(1.0))
-                out[fr, fc] = inter / union >= self.thr[r]
+                out[fr, fc] = (inter == self.area[r]) & (inter == self.area[c])
+            else:
+                out[fr, fc] = pair_iou_host(inter, self.area[r], self.area[c]) >= self.thr[r]
             return out
         ri, ci = np.nonzero(feas.any(1))[0], np.nonzero(feas.any(0))[0]
         if ri.size == 0:
