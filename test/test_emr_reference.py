@@ -83,29 +83,60 @@ def test_similarity_chunks_equal_dense(monkeypatch):
     assert torch.equal(emr_module.similarity_matrix(own, cells, feats, 3), dense)
 
 
-@pytest.mark.parametrize("share", [0.34, 0.5, 1.0])
-def test_mutual_votes_decided_early_equal_votes_over_every_prompt(share: float):
-    # Pieces of a random scene; the early-stopping vote must give the all-prompts answer while
-    # decoding fewer prompts.
+def piece_votes(full: Gallery, own: torch.Tensor, pair: tuple[int, int], share: float
+                ) -> list[bool]:
+    """Each piece's Eq.8 vote on ``pair``, counted over all its prompts (eager gallery)."""
+    i, j = pair
+    votes = []
+    for k in (i, j):
+        idx = full.prompts_in(own[k])
+        if idx.size == 0:
+            idx = np.array([full.nearest_prompt(own[k])])
+        masks, _ = full.masks(idx)
+        o = masks[:, 0]  # object level
+        share_of = [(o & own[t]).flatten(1).sum(1) / own[t].sum() for t in (i, j)]
+        yes = int(((share_of[0] >= 0.5) & (share_of[1] >= 0.5)).sum())
+        votes.append(yes >= max(1, int(np.ceil(share * idx.size - 1e-9))))
+    return votes
+
+
+def scene_pieces(share: float = 0.34):
+    """Pieces of a random scene (parts of objects: some are one entity), their touching pairs."""
     scene = random_scene(H, W, n_objects=8, seed=6)
     cfg = gallery_config(emr__mutual_share=share)
-    leaves = [int(n) for n in np.unique(scene.leaves)]  # parts of objects: some are one entity
+    leaves = [int(n) for n in np.unique(scene.leaves)]
     ents = emr.entities_by_score(mask_set([torch.from_numpy(scene.leaves == n) for n in leaves],
                                           [0.9] * len(leaves)))
     pairs = np.argwhere(np.triu(emr.adjacency(ents.own).numpy(), 1))
+    return scene, cfg, ents, pairs
+
+
+@pytest.mark.parametrize("share", [0.34, 0.5, 1.0])
+def test_mutual_votes_decided_early_equal_votes_over_every_prompt(share: float):
+    # The early-stopping vote must give the all-prompts answer while decoding fewer prompts.
+    scene, cfg, ents, pairs = scene_pieces(share)
     lazy = Gallery(SceneBackend(scene), cfg, lazy=True)
     got = emr.mutual_covers(ents.own, pairs, lazy, cfg)
     full = Gallery(SceneBackend(scene), cfg, lazy=False)
     for (i, j), g in zip(pairs, got):
-        votes = []
-        for k in (i, j):
-            idx = full.prompts_in(ents.own[k])
-            if idx.size == 0:
-                idx = np.array([full.nearest_prompt(ents.own[k])])
-            masks, _ = full.masks(idx)
-            o = masks[:, 0]  # object level
-            share_of = [(o & ents.own[t]).flatten(1).sum(1) / ents.own[t].sum() for t in (i, j)]
-            yes = int(((share_of[0] >= 0.5) & (share_of[1] >= 0.5)).sum())
-            votes.append(yes >= max(1, int(np.ceil(share * idx.size - 1e-9))))
-        assert (g is not None) == all(votes), (i, j)
+        assert (g is not None) == all(piece_votes(full, ents.own, (i, j), share)), (i, j)
     assert sum(g is not None for g in got) > 0 and lazy.decoded_prompts < len(lazy)
+
+
+def test_a_piece_already_decoded_votes_first():
+    # A larger piece whose prompts earlier pairs decoded, and whose vote is no, rules the pair out
+    # before the smaller piece decodes anything.
+    scene, cfg, ents, pairs = scene_pieces()
+    full = Gallery(SceneBackend(scene), cfg, lazy=False)
+    lazy = Gallery(SceneBackend(scene), cfg, lazy=True)
+    area = ents.own.flatten(1).sum(1)
+    for i, j in pairs:
+        small, large = sorted((int(i), int(j)), key=lambda k: int(area[k]))
+        votes = dict(zip((int(i), int(j)), piece_votes(full, ents.own, (int(i), int(j)), 0.34)))
+        if not votes[large] and lazy.prompts_in(ents.own[small]).size > 0:
+            break
+    else:
+        pytest.fail("the scene has no pair that its larger piece votes against")
+    lazy.decode(lazy.prompts_in(ents.own[large]))
+    assert emr.mutual_covers(ents.own, np.array([[i, j]]), lazy, cfg) == [None]
+    assert not lazy.decoded[lazy.prompts_in(ents.own[small])].any()

@@ -10,7 +10,8 @@ entity, whose prompts all answer the whole, do.
 ``emr.mutual_vote`` says what "each piece's gallery masks cover both" means: ``majority`` (default)
 = at least ``emr.mutual_share`` of the piece's prompts have a mask covering both; ``mode`` = the
 piece's most frequent mask (grouped at IoU ≥ θ_O, as Eq.6) covers both. A vote is decided as soon
-as it is certain, and a pair's smaller piece votes first, so many prompts of large pieces (walls,
+as it is certain, and a pair's piece with fewer prompts still to decode votes first (the smaller
+one, unless earlier pairs already decoded the other's), so many prompts of large pieces (walls,
 floors) are never decoded: the answer is the one all prompts would give. ``emr.mutual_voters``
 (0 = all, the default) lets at most that many evenly spread prompts of a piece vote: faster, and
 a slightly different answer.
@@ -38,7 +39,9 @@ def mutual_covers(own: torch.Tensor, pairs: np.ndarray, gallery: Gallery, cfg: C
         return _by_mode(own, pairs, gallery, cfg, out)
     pieces = _Pieces(own, gallery, cfg)
     for n, (i, j) in enumerate(pairs):
-        first, second = sorted((int(i), int(j)), key=lambda k: (pieces.count(k), k))
+        # A vote reads its decoded prompts for free: the piece with fewer left to decode first.
+        first, second = sorted((int(i), int(j)),
+                               key=lambda k: (pieces.undecoded(k), pieces.count(k), k))
         g_first = pieces.majority(first, (int(i), int(j)))
         if g_first is None:
             continue
@@ -74,6 +77,9 @@ class _Pieces:
 
     def count(self, k: int) -> int:
         return int(self.prompts(k).size)
+
+    def undecoded(self, k: int) -> int:
+        return int((~self.gallery.decoded[self.prompts(k)]).sum())
 
     def majority(self, k: int, pair: tuple[int, int]) -> torch.Tensor | None:
         """Whether at least ``emr.mutual_share`` of piece k's prompts have a gallery mask covering
