@@ -213,28 +213,26 @@ def run_mmg(levels: LevelMasks, density: torch.Tensor | Callable[[], torch.Tenso
     # Work on indices into each level and select the logits once at the end: a selection copies
     # (M, h, w) float32. Empty masks (all logits <= 0) carry nothing and would survive every NMS,
     # so they are dropped first.
-    fg_o, fg_b = levels.object.masks, levels.best.masks
-    area_o, area_b = levels.object.areas, levels.best.areas
-    ne_o, ne_b = _non_empty(area_o), _non_empty(area_b)
+    ne_o, masks_o, area_o = non_empty_masks(levels.object)
+    ne_b, masks_b, area_b = non_empty_masks(levels.best)
     counts["object_in"], counts["best_in"] = len(ne_o), len(ne_b)
 
     theta, kind = float(cfg["mmg.theta_o"]), cfg["mmg.nms_iou"]
-    keep_o, _ = mask_nms(_rows(fg_o, ne_o), levels.object.iou[ne_o], theta, iou=kind,
-                         areas=area_o[ne_o])
-    obj_idx = ne_o[keep_o.to(ne_o.device)]
+    keep_o = mask_nms(masks_o, levels.object.iou[ne_o], theta, iou=kind,
+                      areas=area_o)[0].to(ne_o.device)
+    obj_idx = ne_o[keep_o]
     counts["object_nms"] = len(obj_idx)
-    best_idx = ne_b
     if cfg["mmg.nms_best_level"]:
-        keep_b, _ = mask_nms(_rows(fg_b, ne_b), levels.best.iou[ne_b], theta, iou=kind,
-                             areas=area_b[ne_b])
-        best_idx = ne_b[keep_b.to(ne_b.device)]
-    counts["best_nms"] = len(best_idx)
+        keep_b = mask_nms(masks_b, levels.best.iou[ne_b], theta, iou=kind,
+                          areas=area_b)[0].to(ne_b.device)
+        masks_b = masks_b[keep_b]
+    counts["best_nms"] = len(masks_b)
 
     # Eq.2: an object mask survives if some best-level mask matches it with IoU >= gamma_O; a
     # prompt whose object mask is its own best counts as a self-match (IoU 1), even if NMS dropped
     # that best mask in favour of a near-duplicate. Only kept masks meet: (K_O, K_B) IoUs.
-    if len(obj_idx) and len(best_idx):
-        match = pairwise_iou(fg_o[obj_idx], fg_b[best_idx]).amax(1) >= float(cfg["mmg.gamma_o"])
+    if len(obj_idx) and len(masks_b):
+        match = pairwise_iou(masks_o[keep_o], masks_b).amax(1) >= float(cfg["mmg.gamma_o"])
     else:
         match = torch.zeros(len(obj_idx), dtype=torch.bool, device=obj_idx.device)
     obj_idx = obj_idx[match | levels.object_is_best.to(match.device)[obj_idx]]

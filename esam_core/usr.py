@@ -16,7 +16,6 @@ device read; the device keeps the logits, updated once at the end.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import numpy as np
 import torch
@@ -66,8 +65,9 @@ def _prompts(region_cells: list[np.ndarray], lowres_hw: tuple[int, int],
     h, w = lowres_hw
     n = len(region_cells)
     sizes = np.array([c.size for c in region_cells], dtype=np.float64)
-    choose = holders.choose if isinstance(holders, LazyHolders) else partial(_choose, holders)
-    holder_idx, picked = choose(region_of_cell, sizes, cfg)
+    holder_idx, picked = (holders.choose(region_of_cell, sizes, cfg)
+                          if isinstance(holders, LazyHolders)
+                          else _choose(holders, region_of_cell, sizes, cfg))
     cache = {j: interior_point(m) for j, m in picked.items()}
     cells = np.zeros((n, 2), dtype=np.int64)
     for r in range(n):
